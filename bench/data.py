@@ -1,0 +1,269 @@
+"""The one data layer: every dataset yields the same ``Batch``.
+
+Images live in [-1, 1] as ``(C, H, W)``; low-dimensional data as ``(D,)``. Batches are drawn
+i.i.d. with a generator seeded by ``(seed, step)``, so a resumed run sees exactly the batches an
+uninterrupted run would, with no data-loader state to checkpoint.
+
+Datasets (EVALUATION.md has the measured facts):
+* ``digits16``  sklearn's 8x8 digits, /16, bilinear to 16x16, stratified 1347/450 split, 10 labels.
+* ``shapes16``  procedural anti-aliased disks, squares and triangles in colour on black, 3 labels.
+* ``toy2d``     8gaussians, moons, checkerboard (2-D points).
+* ``image_folder``  a user's folder of images; class sub-folders become labels.
+* ``latents``   precomputed VAE latents in ``.npy`` / ``.npz`` shards (e.g. 32x32x4 for 256px).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from bench.errors import UserError
+
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
+
+
+@dataclass
+class Batch:
+    """``x1`` data, ``y`` labels (None when unconditional), ``x0`` paired noise (reflow) or None."""
+
+    x1: Tensor
+    y: Tensor | None = None
+    x0: Tensor | None = None
+
+    def to(self, device) -> Batch:
+        move = lambda t: None if t is None else t.to(device, non_blocking=True)  # noqa: E731
+        return Batch(move(self.x1), move(self.y), move(self.x0))
+
+    def __len__(self) -> int:
+        return self.x1.shape[0]
+
+
+@dataclass
+class Dataset:
+    """An in-memory (or memory-mapped) split pair. ``labels`` are None for unlabeled data."""
+
+    name: str
+    train_x: Tensor
+    train_y: Tensor | None
+    test_x: Tensor
+    test_y: Tensor | None
+    num_classes: int = 0
+    kind: str = "image"  # "image" | "latent" | "points"
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return tuple(self.train_x.shape[1:])
+
+    def batch(self, batch_size: int, seed: int, step: int, conditional: bool = True) -> Batch:
+        """The batch for optimizer step ``step``: i.i.d. indices from a (seed, step) generator."""
+        g = torch.Generator().manual_seed(seed * 1_000_003 + step)
+        idx = torch.randint(len(self.train_x), (batch_size,), generator=g)
+        y = self.train_y[idx] if conditional and self.train_y is not None else None
+        return Batch(torch.as_tensor(self.train_x[idx]).float(), y)
+
+
+def _split(x: Tensor, y: Tensor, n_test: int, seed: int):
+    from sklearn.model_selection import train_test_split
+
+    idx = np.arange(len(x))
+    tr, te = train_test_split(idx, test_size=n_test, stratify=y.numpy(), random_state=seed)
+    tr, te = torch.as_tensor(np.sort(tr)), torch.as_tensor(np.sort(te))
+    return x[tr], y[tr], x[te], y[te]
+
+
+def digits16(conditional: bool = False, **_) -> Dataset:
+    """sklearn digits (1797 images, values 0..16) at 16x16 in [-1, 1]; 1347 train / 450 test."""
+    from sklearn.datasets import load_digits
+
+    raw = load_digits()
+    x = torch.tensor(raw.images, dtype=torch.float32)[:, None] / 16.0
+    x = F.interpolate(x, size=(16, 16), mode="bilinear", align_corners=False).clamp(0, 1) * 2 - 1
+    y = torch.tensor(raw.target, dtype=torch.long)
+    return Dataset("digits16", *_split(x, y, n_test=450, seed=0), num_classes=10)
+
+
+def render_shapes(n: int, seed: int, size: int = 16, supersample: int = 4) -> tuple[Tensor, Tensor]:
+    """``n`` RGB images of one disk (0), square (1) or triangle (2) each, anti-aliased by
+    rendering at ``supersample`` times the resolution and average-pooling."""
+    g = torch.Generator().manual_seed(seed)
+    s = size * supersample
+    label = torch.randint(3, (n,), generator=g)
+    radius = (0.18 + 0.17 * torch.rand(n, generator=g)) * s  # half-extent in fine pixels
+    centre = radius[:, None] + torch.rand(n, 2, generator=g) * (s - 2 * radius[:, None])
+    colour = 0.25 + 0.75 * torch.rand(n, 3, generator=g)
+    coords = torch.arange(s, dtype=torch.float32) + 0.5
+    py, px = coords[None, :, None], coords[None, None, :]
+    dy, dx = py - centre[:, 0, None, None], px - centre[:, 1, None, None]
+    r = radius[:, None, None]
+    disk = dx**2 + dy**2 <= r**2
+    square = (dx.abs() <= r * 0.85) & (dy.abs() <= r * 0.85)
+    # Upward triangle: below the apex, above the base, inside two slanted edges.
+    triangle = (dy <= r * 0.8) & (dy >= -r) & (dx.abs() <= (dy + r) / 1.8 * 1.0)
+    mask = torch.where(
+        label[:, None, None] == 0, disk, torch.where(label[:, None, None] == 1, square, triangle)
+    )
+    img = mask[:, None].float() * colour[:, :, None, None]  # (n, 3, s, s)
+    img = F.avg_pool2d(img, supersample)
+    return img * 2 - 1, label
+
+
+def shapes16(n_train: int = 20_000, n_test: int = 2_000, conditional: bool = False, **_) -> Dataset:
+    tx, ty = render_shapes(n_train, seed=0)
+    vx, vy = render_shapes(n_test, seed=1)
+    return Dataset("shapes16", tx, ty, vx, vy, num_classes=3)
+
+
+def toy_points(name: str, n: int, seed: int) -> Tensor:
+    """2-D toy distributions, scaled to roughly unit variance."""
+    g = torch.Generator().manual_seed(seed)
+    if name == "8gaussians":
+        angles = torch.randint(8, (n,), generator=g) * (2 * math.pi / 8)
+        centres = torch.stack([torch.cos(angles), torch.sin(angles)], 1) * 2.0
+        return (centres + 0.15 * torch.randn(n, 2, generator=g)) / 1.5
+    if name == "moons":
+        from sklearn.datasets import make_moons
+
+        x, _ = make_moons(n, noise=0.05, random_state=seed)
+        return (torch.tensor(x, dtype=torch.float32) - torch.tensor([0.5, 0.25])) / 0.7
+    if name == "checkerboard":
+        x1 = torch.rand(n, generator=g) * 4 - 2
+        x2 = torch.rand(n, generator=g) - torch.randint(2, (n,), generator=g) * 2.0
+        x2 = x2 + (torch.floor(x1) % 2)
+        return torch.stack([x1, x2], 1) / 1.15
+    raise UserError(
+        f"unknown toy2d distribution {name!r}; choose one of 8gaussians, moons, checkerboard"
+    )
+
+
+def toy2d(name: str = "8gaussians", n_train: int = 20_000, n_test: int = 5_000, **_) -> Dataset:
+    return Dataset(
+        f"toy2d-{name}",
+        toy_points(name, n_train, 0),
+        None,
+        toy_points(name, n_test, 1),
+        None,
+        kind="points",
+    )
+
+
+def _images_in(folder: Path) -> list[Path]:
+    return sorted(
+        p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file()
+    )
+
+
+def load_image(path: Path, resolution: int, channels: int) -> Tensor:
+    """Resize the shorter side to ``resolution`` and centre-crop; returns (C, H, W) in [-1, 1]."""
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as im:
+            im = im.convert("RGB" if channels == 3 else "L")
+            scale = resolution / min(im.size)
+            w, h = (
+                max(resolution, round(im.width * scale)),
+                max(resolution, round(im.height * scale)),
+            )
+            im = im.resize((w, h), Image.BICUBIC)
+            left, top = (w - resolution) // 2, (h - resolution) // 2
+            im = im.crop((left, top, left + resolution, top + resolution))
+            arr = np.asarray(im, dtype=np.float32)
+    except (UnidentifiedImageError, OSError) as e:
+        raise UserError(
+            f"cannot read image {path} ({e.__class__.__name__}); remove or replace it"
+        ) from e
+    arr = arr[None] if arr.ndim == 2 else arr.transpose(2, 0, 1)
+    return torch.from_numpy(arr / 127.5 - 1.0)
+
+
+def _existing_dir(path: str | None, what: str) -> Path:
+    if not path:
+        raise UserError(
+            f"data.path is not set; give the {what} folder, e.g. data.path=/data/{what}"
+        )
+    folder = Path(path).expanduser()
+    if not folder.is_dir():
+        raise UserError(f"dataset path {str(folder)!r} does not exist or is not a folder")
+    return folder
+
+
+def image_folder(
+    path: str | None = None,
+    resolution: int = 32,
+    channels: int = 3,
+    test_fraction: float = 0.1,
+    conditional: bool = False,
+    **_,
+) -> Dataset:
+    """A user's folder of images. Sub-folders are classes (sorted names -> 0, 1, ...); images
+    directly in the folder make an unlabeled dataset. Held-out split: every 1/test_fraction-th
+    image, deterministic."""
+    folder = _existing_dir(path, "images")
+    files = _images_in(folder)
+    if not files:
+        raise UserError(
+            f"dataset path {str(folder)!r} holds no images ({', '.join(sorted(IMAGE_SUFFIXES))})"
+        )
+    classes = sorted({f.parent.relative_to(folder).parts[0] for f in files if f.parent != folder})
+    labelled = bool(classes) and all(f.parent != folder for f in files)
+    x = torch.stack([load_image(f, resolution, channels) for f in files])
+    y = (
+        torch.tensor([classes.index(f.relative_to(folder).parts[0]) for f in files])
+        if labelled
+        else None
+    )
+    every = max(2, round(1 / test_fraction)) if test_fraction > 0 else len(files) + 1
+    test = torch.arange(len(files)) % every == every - 1
+    if test.all() or not test.any():
+        test = torch.zeros(len(files), dtype=torch.bool)
+        test[-1] = True  # tiny folders: keep one held-out image so test metrics stay defined
+    pick = lambda m: (x[m], None if y is None else y[m])  # noqa: E731
+    return Dataset(
+        folder.name, *pick(~test), *pick(test), num_classes=len(classes) if labelled else 0
+    )
+
+
+def latents(
+    path: str | None = None, test_fraction: float = 0.02, conditional: bool = False, **_
+) -> Dataset:
+    """VAE latent shards: ``*.npz`` with arrays ``latents`` (N, C, H, W) and optional ``labels``,
+    or ``*.npy`` holding latents only. Shards are read in sorted order."""
+    folder = _existing_dir(path, "latents")
+    shards = sorted(p for p in folder.iterdir() if p.suffix in (".npy", ".npz"))
+    if not shards:
+        raise UserError(f"dataset path {str(folder)!r} holds no .npy or .npz latent shards")
+    xs, ys = [], []
+    for shard in shards:
+        try:
+            if shard.suffix == ".npy":
+                xs.append(np.load(shard))
+                ys.append(None)
+            else:
+                with np.load(shard) as z:
+                    xs.append(z["latents"])
+                    ys.append(z["labels"] if "labels" in z else None)
+        except (ValueError, OSError, KeyError) as e:
+            raise UserError(
+                f"cannot read latent shard {shard} ({e}); expected an array 'latents'"
+            ) from e
+    if len({a.shape[1:] for a in xs}) != 1 or xs[0].ndim != 4:
+        raise UserError(f"latent shards in {folder} must all be (N, C, H, W) of one shape")
+    x = torch.from_numpy(np.concatenate(xs)).float()
+    y = None if any(a is None for a in ys) else torch.from_numpy(np.concatenate(ys)).long()
+    n_test = max(1, int(len(x) * test_fraction))
+    num_classes = int(y.max()) + 1 if y is not None else 0
+    return Dataset(
+        folder.name,
+        x[:-n_test],
+        None if y is None else y[:-n_test],
+        x[-n_test:],
+        None if y is None else y[-n_test:],
+        num_classes=num_classes,
+        kind="latent",
+    )

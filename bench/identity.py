@@ -1,0 +1,45 @@
+"""Run identity: a hash of everything that decides the trained weights.
+
+Data, model size, method, training recipe and seed go in; evaluation, tracking, paths and
+launcher settings stay out, so a finished run can be re-evaluated with new settings without
+retraining, and the same command run twice finds the same run directory and MLflow run.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+from omegaconf import DictConfig, OmegaConf
+
+IDENTITY_KEYS = ("data", "size", "method", "train", "seed")
+
+
+def identity_config(cfg: DictConfig) -> dict:
+    resolved = OmegaConf.to_container(cfg, resolve=True)
+    return {k: resolved[k] for k in IDENTITY_KEYS if k in resolved}
+
+
+def identity_hash(cfg: DictConfig) -> str:
+    blob = json.dumps(identity_config(cfg), sort_keys=True, default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()[:12]
+
+
+def short_name(target: str) -> str:
+    """``methods.shortcut.Shortcut`` -> ``shortcut``; ``bench.data.digits16`` -> ``digits16``."""
+    parts = target.split(".")
+    return parts[-2] if parts[-1][:1].isupper() else parts[-1]
+
+
+def run_dir(cfg: DictConfig) -> Path:
+    size = str(cfg.size.get("name") or cfg.size.get("size") or short_name(cfg.size._target_))
+    name = "-".join(
+        [
+            short_name(cfg.method._target_),
+            size.replace("/", "_"),
+            short_name(cfg.data._target_),
+            identity_hash(cfg),
+        ]
+    )
+    return Path(cfg.paths.root) / "runs" / name

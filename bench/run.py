@@ -1,0 +1,258 @@
+"""``python -m bench.run``: one job = build -> train (resumable) -> evaluate at every budget -> log.
+
+Hydra composes the config from ``sweeps/`` (groups ``data``, ``size``, ``method``, ``train``,
+``eval``; named grids in ``experiment``); ``-m`` turns any comma list into a sweep, launched by
+Hydra's basic launcher or by submitit. Every object is built from its YAML ``_target_``: there is
+no method registry and the loop never branches on the method.
+
+A job's identity (``bench.identity``) names its run directory and its MLflow run, so running the
+same command again resumes training from the last checkpoint, continues the same MLflow run, and
+re-evaluates only the budgets that are missing. Bad input is one sentence on stderr and exit 2.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+
+import hydra
+import torch
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+
+from bench.errors import UserError
+from bench.evaluate import Evaluator, save_grid, save_samples
+from bench.identity import identity_config, identity_hash, run_dir, short_name
+from bench.train import DivergenceError, Trainer
+
+log = logging.getLogger("bench.run")
+CONFIG_DIR = Path(__file__).resolve().parents[1] / "sweeps"
+GROUPS = ("method", "size", "data", "train", "eval", "experiment")
+STATE = "state.json"
+
+
+# -- input checks that must happen before Hydra composes anything ----------------------------------
+def choices(group: str) -> list[str]:
+    return sorted(p.stem for p in (CONFIG_DIR / group).glob("*.yaml"))
+
+
+def check_choices(argv: list[str]) -> None:
+    """An unknown group option (``method=foo``, also inside a sweep list) is one clear sentence."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    overrides = [a for a in argv if "=" in a and not a.startswith("-")]
+    try:
+        parsed = OverridesParser.create().parse_overrides(overrides)
+    except Exception as e:  # Hydra's own grammar error is already one line
+        raise UserError(f"cannot parse the command-line overrides: {str(e).splitlines()[0]}") from e
+    for o in parsed:
+        group = o.key_or_group
+        if group not in GROUPS or o.is_delete():
+            continue
+        values = list(o.sweep_string_iterator()) if o.is_sweep_override() else [o.value()]
+        known = choices(group)
+        for v in values:
+            if isinstance(v, str) and v not in known:
+                raise UserError(f"unknown {group} {v!r}; choose one of: {', '.join(known)}")
+
+
+# -- building blocks -------------------------------------------------------------------------------
+def pick_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise UserError(
+            "device=cuda was requested but no CUDA device is visible; use device=cpu or auto"
+        )
+    if name not in ("cpu", "cuda"):
+        raise UserError(f"unknown device {name!r}; choose one of: auto, cpu, cuda")
+    return torch.device(name)
+
+
+def build(cfg: DictConfig):
+    """Data, network and method from the config (no training)."""
+    method = instantiate(cfg.method)
+    for steps in cfg.eval.budgets:  # fail before any training, not after it
+        method.check_budget(steps)
+    data = instantiate(cfg.data)
+    conditional = bool(cfg.data.get("conditional", False))
+    if conditional and data.num_classes == 0:
+        raise UserError(
+            f"data.conditional=true but {data.name} has no labels; use data.conditional=false"
+        )
+    if data.kind == "points" and "mlp" not in cfg.size._target_.lower():
+        raise UserError(
+            f"{data.name} holds {data.shape[0]}-d points; use size=mlp (DiT sizes are for images)"
+        )
+    net = instantiate(
+        cfg.size, input_shape=data.shape, num_classes=data.num_classes if conditional else 0
+    )
+    return data, net, method, conditional
+
+
+def read_state(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text()) if path.exists() else {}
+    except json.JSONDecodeError:
+        return {}  # a state file cut short by a crash: the checkpoint and MLflow are the truth
+
+
+def write_state(path: Path, state: dict) -> None:
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(state, indent=1, sort_keys=True))
+    os.replace(tmp, path)
+
+
+def eval_key(cfg: DictConfig) -> str:
+    """Which evaluation protocol produced stored metrics (re-evaluate when it changes)."""
+    e = cfg.eval
+    return f"n{e.num_samples}-seed{e.seed}-{e.weights}"
+
+
+def print_table(
+    results: dict[int, dict[str, float]], protocol: dict[str, str], floor: dict
+) -> None:
+    points = "eval.extractor" not in protocol
+    head = "energy    mmd^2" if points else "FD(train)  FD(test)"
+    lines = [f"{'steps':>5} {'NFE':>5}  {head}  samples/s"]
+    for steps in sorted(results):
+        m, k = results[steps], f"steps_{steps}"
+        vals = (
+            f"{m[f'energy/{k}']:8.4f} {m[f'mmd/{k}']:8.4f}"
+            if points
+            else f"{m[f'fd/train/{k}']:9.2f} {m[f'fd/test/{k}']:9.2f}"
+        )
+        lines.append(
+            f"{steps:>5} {int(m[f'nfe/{k}']):>5}  {vals}  {m[f'sample/img_per_s_{k}']:9.0f}"
+        )
+    detail = ", ".join(f"{k.split('.', 1)[1]}={v}" for k, v in protocol.items())
+    floor_txt = ", ".join(f"{k}={v:.3g}" for k, v in floor.items())
+    print(
+        "\n".join(lines) + f"\nprotocol: {detail}\nreal-data floor at the same count: {floor_txt}",
+        flush=True,
+    )
+
+
+# -- the job ---------------------------------------------------------------------------------------
+def job(cfg: DictConfig) -> float | None:
+    from bench.track import Tracker, flatten, standard_tags
+
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    device = pick_device(cfg.device)
+    data, net, method, conditional = build(cfg)
+    net = net.to(device)
+    method = method.to(device)
+    identity = identity_hash(cfg)
+    rd = run_dir(cfg)
+    rd.mkdir(parents=True, exist_ok=True)
+    state_path = rd / STATE
+    state = read_state(state_path)
+
+    tracker = Tracker(
+        cfg.tracking.uri, cfg.tracking.experiment, state.get("mlflow_run_id"), rd.name
+    )
+    state.update(mlflow_run_id=tracker.run_id, status="running", identity=identity)
+    write_state(state_path, state)
+    OmegaConf.save(cfg, rd / "config.yaml", resolve=True)
+    tracker.log_params(flatten(identity_config(cfg)))
+    tracker.set_tags(
+        {**standard_tags(cfg, identity, net.name, device), "run_dir": str(rd.resolve())}
+    )
+    if not tracker.resumed:
+        tracker.log_artifact(rd / "config.yaml")
+
+    meta = {
+        "identity": identity,
+        "model": net.name,
+        "input_shape": list(data.shape),
+        "num_classes": int(net.num_classes),
+        "method": short_name(cfg.method._target_),
+    }
+    trainer = Trainer(net, method, data, cfg.train, rd, device, conditional, meta, tracker)
+    if trainer.resume():
+        print(f"resuming {rd} from step {trainer.step} of {cfg.train.steps}", flush=True)
+    if trainer.step >= cfg.train.steps:
+        print(
+            f"{rd.name}: training already finished ({trainer.step} steps); not retraining",
+            flush=True,
+        )
+    try:
+        trainer.fit()
+    except DivergenceError as e:
+        tracker.set_tags({"failure": str(e), "failure_step": str(e.step)})
+        tracker.finish("FAILED")
+        write_state(state_path, {**state, "status": "failed", "failure": str(e)})
+        raise UserError(
+            f"{e}; the run is marked FAILED and its last good checkpoint is kept in {rd}"
+        ) from e
+    tracker.set_tags({"train.steps_done": str(trainer.step)})
+
+    eval_net = trainer.ema.net if cfg.eval.weights == "ema" else trainer.net
+    evaluator = Evaluator(
+        data, cfg.eval.num_samples, cfg.eval.seed, cfg.eval.batch_size, device, conditional
+    )
+    protocol = evaluator.protocol()
+    tracker.set_tags({**protocol, "eval.weights": cfg.eval.weights})
+    tracker.log_metrics(evaluator.floor)
+    key = eval_key(cfg)
+    done = state.get("evaluated", {}).get(key, {})
+    results: dict[int, dict[str, float]] = {}
+    missing = [s for s in cfg.eval.budgets if str(s) not in done]
+    if len(missing) < len(cfg.eval.budgets):
+        print(
+            f"already evaluated at {sorted(set(cfg.eval.budgets) - set(missing))} steps; "
+            f"evaluating {missing or 'nothing more'}",
+            flush=True,
+        )
+    for steps in cfg.eval.budgets:
+        if str(steps) in done:
+            results[steps] = done[str(steps)]
+            continue
+        r = evaluator.evaluate(method, eval_net, steps)
+        tracker.log_metrics(r.metrics)
+        if cfg.eval.grids and (
+            grid := save_grid(r.samples, rd / "grids" / f"steps_{steps}.png", data.kind)
+        ):
+            tracker.log_artifact(grid, "grids")
+        if cfg.eval.save_samples:
+            save_samples(r.samples, evaluator.y, rd / "samples" / f"steps_{steps}.npz")
+        results[steps] = r.metrics
+        done[str(steps)] = r.metrics
+        state.setdefault("evaluated", {})[key] = done
+        write_state(state_path, state)  # a crash mid-evaluation keeps the budgets already done
+
+    print_table(results, protocol, evaluator.floor)
+    state["status"] = "finished"
+    write_state(state_path, state)
+    tracker.finish("FINISHED")
+    objective = cfg.get("objective")
+    return (
+        results[objective.steps][objective.metric.replace("{k}", f"steps_{objective.steps}")]
+        if objective
+        else None
+    )
+
+
+@hydra.main(config_path="../sweeps", config_name="config", version_base="1.3")
+def main(cfg: DictConfig) -> float | None:
+    try:
+        return job(cfg)
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr, flush=True)
+        sys.exit(2)
+
+
+def cli() -> None:
+    try:
+        check_choices(sys.argv[1:])
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    main()
+
+
+if __name__ == "__main__":
+    cli()

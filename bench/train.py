@@ -1,0 +1,167 @@
+"""The training loop. It never asks which method it runs: ``method.loss`` gives the loss.
+
+AdamW on the online network, an EMA copy, gradient clipping when configured, periodic atomic
+checkpoints (network, EMA, optimizer, method state, RNG, step) and resume from the last one.
+Every step reseeds the global RNG from ``(seed, step)`` and draws its batch from a generator with
+the same key, so a resumed run is bitwise the run that was never interrupted (CPU, same threads).
+Losses are summed on the device and read back once per logging interval (no per-step sync);
+a non-finite mean stops the run before anything is saved over the last good checkpoint.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from pathlib import Path
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from bench import checkpoint
+from bench.data import Dataset
+from bench.ema import EMA
+from methods.base import Method, Nets
+
+log = logging.getLogger(__name__)
+CHECKPOINT = "checkpoint.pt"
+
+
+class DivergenceError(RuntimeError):
+    """The training loss became NaN or infinite."""
+
+    def __init__(self, step: int, value: float):
+        super().__init__(
+            f"training diverged: mean loss is {value} over the interval ending at step {step}"
+        )
+        self.step, self.value = step, value
+
+
+def step_seed(seed: int, step: int) -> int:
+    return (seed * 1_000_003 + step * 7_919) % 2**63
+
+
+class Trainer:
+    """Owns the optimizer and the EMA; ``fit`` trains until ``cfg.steps`` optimizer steps."""
+
+    def __init__(
+        self,
+        net: nn.Module,
+        method: Method,
+        data: Dataset,
+        cfg,
+        run_dir: Path,
+        device: torch.device,
+        conditional: bool,
+        meta: dict,
+        tracker=None,
+    ):
+        self.net, self.method, self.data, self.cfg = net, method, data, cfg
+        self.run_dir, self.device, self.conditional, self.meta = (
+            Path(run_dir),
+            device,
+            conditional,
+            meta,
+        )
+        self.tracker = tracker
+        self.opt = torch.optim.AdamW(
+            net.parameters(),
+            lr=cfg.lr,
+            betas=tuple(cfg.betas),
+            weight_decay=cfg.weight_decay,
+            fused=device.type == "cuda",
+        )
+        self.ema = EMA(net, cfg.ema_rate, cfg.ema_warmup)
+        self.step = 0
+
+    @property
+    def nets(self) -> Nets:
+        return Nets(self.net, self.ema.net)
+
+    @property
+    def checkpoint_path(self) -> Path:
+        return self.run_dir / CHECKPOINT
+
+    def state(self) -> dict:
+        return {
+            "meta": self.meta,
+            "step": self.step,
+            "net": self.net.state_dict(),
+            "ema": self.ema.state_dict(),
+            "opt": self.opt.state_dict(),
+            "method": self.method.state_dict(),
+            "rng": torch.get_rng_state(),
+        }
+
+    def save(self) -> None:
+        checkpoint.save(self.checkpoint_path, self.state())
+
+    def resume(self) -> bool:
+        """Load the last checkpoint if there is one; returns whether it did."""
+        if not self.checkpoint_path.exists():
+            return False
+        state = checkpoint.load(self.checkpoint_path, self.meta)
+        self.net.load_state_dict(state["net"])
+        self.ema.load_state_dict(state["ema"])
+        self.opt.load_state_dict(state["opt"])
+        self.method.load_state_dict(state["method"])
+        torch.set_rng_state(state["rng"])
+        self.step = int(state["step"])
+        log.info("resumed from %s at step %d", self.checkpoint_path, self.step)
+        return True
+
+    def fit(self, stop_at: int | None = None) -> None:
+        """Train to ``cfg.steps`` (or to ``stop_at``, for tests that simulate an interruption)."""
+        cfg, net = self.cfg, self.net
+        end = min(cfg.steps, stop_at) if stop_at is not None else cfg.steps
+        if self.step >= end:
+            return
+        self.method.begin_stage(0, self.nets)
+        net.train()
+        sums: dict[str, torch.Tensor] = {}
+        count, tick = 0, time.perf_counter()
+        bar = tqdm(
+            total=cfg.steps,
+            initial=self.step,
+            desc="train",
+            dynamic_ncols=True,
+            disable=not cfg.progress,
+            mininterval=2.0,
+        )
+        while self.step < end:
+            torch.manual_seed(step_seed(cfg.seed, self.step))
+            batch = self.data.batch(cfg.batch_size, cfg.seed, self.step, self.conditional).to(
+                self.device
+            )
+            loss, logs = self.method.loss(self.nets, batch, self.step)
+            self.opt.zero_grad(set_to_none=True)
+            loss.backward()
+            if cfg.grad_clip:
+                nn.utils.clip_grad_norm_(net.parameters(), cfg.grad_clip)
+            self.opt.step()
+            self.ema.update(net, self.step)
+            self.method.after_step(self.nets, self.step)
+            self.step += 1
+            for k, v in {"loss": loss.detach(), **logs}.items():
+                sums[k] = sums.get(k, 0.0) + v
+            count += 1
+            bar.update(1)
+            boundary = self.step % cfg.log_every == 0 or self.step == end
+            if boundary or self.step % cfg.ckpt_every == 0:
+                means = {k: float(v) / count for k, v in sums.items()}  # the one sync per interval
+                if not all(math.isfinite(v) for v in means.values()):
+                    bar.close()
+                    raise DivergenceError(self.step, means["loss"])
+                elapsed = time.perf_counter() - tick
+                means["train/img_per_s"] = count * cfg.batch_size / max(elapsed, 1e-9)
+                if self.tracker is not None:
+                    self.tracker.log_metrics(
+                        {f"train/{k}" if k.startswith("loss") else k: v for k, v in means.items()},
+                        step=self.step,
+                    )
+                bar.set_postfix(loss=f"{means['loss']:.4f}")
+                sums, count, tick = {}, 0, time.perf_counter()
+                if self.step % cfg.ckpt_every == 0 or self.step == end:
+                    self.save()
+        bar.close()

@@ -1,0 +1,113 @@
+"""The method contract. The training loop and the evaluator only ever call these.
+
+A method turns a batch into a loss (``loss``), turns noise into data in ``N`` steps (``sample``),
+says what a step budget costs (``nfe``) and what a training step costs (``cost``). A method that
+holds extra networks (a teacher, a target) keeps them as sub-modules so checkpoints carry them;
+the online and EMA networks the trainer owns arrive in ``Nets``.
+
+Time convention for the whole project (METHODS.md): ``t = 0`` is noise ``x0 ~ N(0, I)``,
+``t = 1`` is data ``x1``, ``x_t = (1 - t) x0 + t x1``, velocity ``v = x1 - x0``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from bench.data import Batch
+from bench.dit import FLOW_MATCHING_LEVEL
+from bench.errors import UserError
+from bench.guidance import guided_velocity
+
+MAX_STEPS = 128
+BUDGETS = tuple(2**k for k in range(8))  # 1, 2, 4, ..., 128
+
+
+@dataclass
+class Nets:
+    """The networks a method may use during training: ``online`` is optimised, ``ema`` is the
+    exponential moving average the trainer keeps (no gradients, eval mode)."""
+
+    online: nn.Module
+    ema: nn.Module
+
+
+@dataclass
+class Regression:
+    """A batch of regression problems ``net(xt, t, d, y) -> target`` (what most losses are)."""
+
+    xt: Tensor
+    t: Tensor
+    d: Tensor
+    y: Tensor | None
+    target: Tensor
+    num_consistency: int = 0  # leading rows with bootstrap targets (shortcut models)
+
+
+def interpolate(x0: Tensor, x1: Tensor, t: Tensor) -> Tensor:
+    """``x_t = (1 - t) x0 + t x1`` with ``t`` of shape (N,) broadcast over the sample dims."""
+    t = t.view(-1, *([1] * (x0.dim() - 1)))
+    return (1 - t) * x0 + t * x1
+
+
+def check_budget(steps: int, allowed=BUDGETS, method: str = "this method") -> int:
+    """A step budget must be a power of two in 1..128 (one of the shortcut levels)."""
+    if isinstance(steps, bool) or int(steps) != steps or int(steps) not in allowed:
+        raise UserError(
+            f"step budget {steps!r} is not allowed for {method}; "
+            f"choose from {', '.join(map(str, allowed))} (powers of two up to {MAX_STEPS})"
+        )
+    return int(steps)
+
+
+class Method(nn.Module):
+    """Base class. Subclasses implement ``loss``; the default sampler is Euler."""
+
+    #: number of training stages (progressive distillation rounds, reflow stages)
+    stages: int = 1
+    #: classifier-free guidance scale used when sampling class-conditional models (1 = off)
+    cfg_scale: float = 1.0
+
+    def loss(self, nets: Nets, batch: Batch, step: int) -> tuple[Tensor, dict[str, Tensor]]:
+        raise NotImplementedError
+
+    def step_size(self, steps: int) -> float:
+        """The ``d`` the network is conditioned on when sampling with ``steps`` steps."""
+        return FLOW_MATCHING_LEVEL
+
+    def guided(self, steps: int) -> bool:
+        """Whether sampling at this budget applies CFG (and so doubles every evaluation)."""
+        return self.cfg_scale != 1.0
+
+    def check_budget(self, steps: int) -> int:
+        return check_budget(steps, method=type(self).__name__)
+
+    def nfe(self, steps: int, conditional: bool) -> int:
+        """Network evaluations per sample at this budget, CFG doubling included."""
+        return steps * (2 if conditional and self.guided(steps) else 1)
+
+    @torch.no_grad()
+    def sample(self, net: nn.Module, x0: Tensor, steps: int, y: Tensor | None = None) -> Tensor:
+        """Euler: ``t_i = i / N``, ``x <- x + (1/N) v(x, t_i, d, y)`` for ``i = 0..N-1``."""
+        steps = self.check_budget(steps)
+        dt = 1.0 / steps
+        d = torch.full((x0.shape[0],), self.step_size(steps), device=x0.device)
+        scale = self.cfg_scale if y is not None and self.guided(steps) else 1.0
+        x = x0
+        for i in range(steps):
+            t = torch.full((x0.shape[0],), i * dt, device=x0.device)
+            v = guided_velocity(net, x, t, d, y, scale) if y is not None else net(x, t, d)
+            x = x + dt * v
+        return x
+
+    def cost(self) -> dict[str, float]:
+        """Network forward-equivalents per training sample (a backward counts as two forwards)."""
+        return {"forward_equivalents_per_sample": 3.0}
+
+    def begin_stage(self, stage: int, nets: Nets) -> None:
+        """Called before stage ``stage`` (0-based) starts or resumes."""
+
+    def after_step(self, nets: Nets, step: int) -> None:
+        """Called after every optimizer step (target updates, curricula)."""

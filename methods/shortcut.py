@@ -1,0 +1,180 @@
+"""Shortcut models (Frans, Hafner, Levine, Abbeel; "One Step Diffusion via Shortcut Models",
+ICLR 2025, arXiv 2410.12557).
+
+The network ``s(x_t, t, d)`` predicts the normalised jump for a step of size ``d``. Levels are
+``d = 2^-k``, ``k = 0..7``; ``k = 7`` (``d = 1/128``) is the flow-matching level (the paper's
+``d = 0``). Each batch is split into distinct rows:
+
+* flow-matching rows (``1 - k_ratio``):  ``s(x_t, t, 1/128) -> x1 - x0``   (paper eq. 4)
+* self-consistency rows (``k_ratio``), full step ``2d = 2^-k`` with ``k ~ U{0..6}`` and ``t`` a
+  multiple of ``2d``; with the EMA weights and no gradient (paper eq. 5, with ``t + d`` -- the
+  paper's ``t`` in the second term is a typo, official repo issue #5):
+
+      v1 = s(x_t, t, d);   x' = x_t + d v1;   v2 = s(x', t + d, d);   s(x_t, t, 2d) -> (v1 + v2) / 2
+
+Loss: plain MSE over all rows. Sampling: Euler with ``N`` in {1, 2, ..., 128} steps at ``d = 1/N``.
+A step budget ``N`` is ``N`` evaluations; CFG is applied only at the flow-matching level (``N = 128``),
+doubling those evaluations.
+
+Defaults and where they come from (every deviation from the official JAX code is an option):
+
+=================  ===========================  ==========================================
+option             default (source)             official code
+=================  ===========================  ==========================================
+k_ratio            0.25 (paper)                 0.125 (``bootstrap_every = 8``)
+level_sampling     ``uniform`` (METHODS.md)     ``even``: equal counts per level, leftovers
+                                                to ``d = 1`` (all rows at small batches)
+fm_time            ``uniform`` (paper: best)    ``grid128``
+target_weights     ``ema`` (official)           ``ema``
+clip               4.0 (official)               4.0 on ``x'`` and on the target
+bake_cfg_scale     None (paper: CFG at d = 0)   1.5 on the smallest bootstrap level
+label_dropout      0.1 (both)                   0.1
+distinct rows      yes (paper)                  reuses the first rows of the batch (issue #10)
+=================  ===========================  ==========================================
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from bench.data import Batch
+from bench.dit import FLOW_MATCHING_LEVEL
+from bench.errors import UserError
+from bench.guidance import drop_labels
+from methods.base import MAX_STEPS, Method, Nets, Regression, interpolate
+from methods.flow_matching import sample_time
+
+NUM_LEVELS = 7  # bootstrap full steps 2d = 2^-k, k = 0..6; level 7 is flow matching
+
+
+class Shortcut(Method):
+    def __init__(
+        self,
+        k_ratio: float = 0.25,
+        level_sampling: str = "uniform",
+        fm_time: str = "uniform",
+        target_weights: str = "ema",
+        clip: float | None = 4.0,
+        bake_cfg_scale: float | None = None,
+        label_dropout: float = 0.1,
+        cfg_scale: float = 1.0,
+    ):
+        super().__init__()
+        if not (isinstance(k_ratio, (int, float)) and 0.0 <= k_ratio < 1.0):
+            raise UserError(
+                f"k_ratio={k_ratio!r} is outside [0, 1); it is the fraction of each batch given self-consistency targets"
+            )
+        for name, value, allowed in [
+            ("level_sampling", level_sampling, ("uniform", "even")),
+            ("target_weights", target_weights, ("ema", "online")),
+            ("fm_time", fm_time, ("uniform", "grid128", "logit_normal")),
+        ]:
+            if value not in allowed:
+                raise UserError(
+                    f"method.{name}={value!r} is not allowed; choose one of {', '.join(allowed)}"
+                )
+        self.k_ratio, self.level_sampling, self.fm_time = float(k_ratio), level_sampling, fm_time
+        self.target_weights, self.clip = target_weights, clip
+        self.bake_cfg_scale, self.label_dropout, self.cfg_scale = (
+            bake_cfg_scale,
+            label_dropout,
+            cfg_scale,
+        )
+
+    # -- training ------------------------------------------------------------------------------
+    def split(self, batch_size: int) -> int:
+        """Number of self-consistency rows in a batch (the first ones; the rest are flow rows)."""
+        return int(round(self.k_ratio * batch_size))
+
+    def levels(self, n: int, device) -> Tensor:
+        """Full-step exponents ``k`` (full step ``2^-k``) for ``n`` self-consistency rows."""
+        if self.level_sampling == "uniform":
+            return torch.randint(NUM_LEVELS, (n,), device=device)
+        # Official allocation: n // 7 rows per level from finest to coarsest, leftovers at k = 0.
+        per = n // NUM_LEVELS
+        k = torch.arange(NUM_LEVELS - 1, -1, -1, device=device).repeat_interleave(per)
+        return torch.cat([k, torch.zeros(n - k.numel(), dtype=torch.long, device=device)])
+
+    @torch.no_grad()
+    def bootstrap_target(self, net, xt: Tensor, t: Tensor, d: Tensor, y: Tensor | None) -> Tensor:
+        """Average of two half-steps of size ``d``: ``(s(x_t, t, d) + s(x_t + d s, t + d, d)) / 2``."""
+        # Official-code option: guided velocity on rows whose half step is the flow-matching
+        # level. The conditional forward is already done; only the unconditional one is added.
+        fine = (
+            (d == FLOW_MATCHING_LEVEL)
+            if self.bake_cfg_scale is not None and y is not None
+            else None
+        )
+
+        def velocity(x, tt):
+            v = net(x, tt, d, y)
+            if fine is not None and bool(fine.any()):
+                null = torch.full_like(y[fine], net.num_classes)
+                vu = net(x[fine], tt[fine], d[fine], null)
+                v = v.clone()  # the network may return an expanded view
+                v[fine] = vu + self.bake_cfg_scale * (v[fine] - vu)
+            return v
+
+        shape = (-1,) + (1,) * (xt.dim() - 1)
+        v1 = velocity(xt, t)
+        x_mid = xt + d.view(shape) * v1
+        if self.clip is not None:
+            x_mid = x_mid.clamp(-self.clip, self.clip)
+        v2 = velocity(x_mid, t + d)
+        target = (v1 + v2) / 2
+        return target.clamp(-self.clip, self.clip) if self.clip is not None else target
+
+    def targets(self, nets: Nets, batch: Batch) -> Regression:
+        """Inputs and regression targets for every row; self-consistency rows come first."""
+        x1, y, n = batch.x1, batch.y, len(batch)
+        x0 = batch.x0 if batch.x0 is not None else torch.randn_like(x1)
+        m = self.split(n)
+
+        # Self-consistency rows [0, m): t on multiples of the full step 2d = 2^-k.
+        k = self.levels(m, x1.device)
+        full = 2.0 ** (-k.float())
+        t_sc = torch.floor(torch.rand(m, device=x1.device) * 2.0**k) * full
+        xt_sc = interpolate(x0[:m], x1[:m], t_sc)
+        target_net = nets.ema if self.target_weights == "ema" else nets.online
+        y_sc = None if y is None else y[:m]  # bootstrap rows always see the real label
+        target_sc = self.bootstrap_target(target_net, xt_sc, t_sc, full / 2, y_sc)
+
+        # Flow-matching rows [m, n): the level-7 token, target x1 - x0, label dropout for CFG.
+        t_fm = sample_time(n - m, self.fm_time, x1.device)
+        xt_fm = interpolate(x0[m:], x1[m:], t_fm)
+        y_fm = drop_labels(
+            None if y is None else y[m:], self.label_dropout, nets.online.num_classes
+        )
+        return Regression(
+            xt=torch.cat([xt_sc, xt_fm]),
+            t=torch.cat([t_sc, t_fm]),
+            d=torch.cat([full, torch.full_like(t_fm, FLOW_MATCHING_LEVEL)]),
+            y=None if y is None else torch.cat([y_sc, y_fm]),
+            target=torch.cat([target_sc, x1[m:] - x0[m:]]),
+            num_consistency=m,
+        )
+
+    def loss(self, nets: Nets, batch: Batch, step: int) -> tuple[Tensor, dict[str, Tensor]]:
+        r = self.targets(nets, batch)
+        v = nets.online(r.xt, r.t, r.d, r.y)
+        err = (v - r.target).square().flatten(1).mean(1)  # per row
+        m = r.num_consistency
+        logs = {"loss/flow": err[m:].mean().detach()}
+        if m:
+            logs["loss/consistency"] = err[:m].mean().detach()
+        return err.mean(), logs
+
+    # -- sampling ------------------------------------------------------------------------------
+    def step_size(self, steps: int) -> float:
+        return 1.0 / steps
+
+    def guided(self, steps: int) -> bool:
+        # CFG only at the flow-matching level (the paper); coarser levels take the raw velocity.
+        return self.cfg_scale != 1.0 and steps == MAX_STEPS
+
+    def cost(self) -> dict[str, float]:
+        # One fwd+bwd on every row, plus two no-grad forwards on the k_ratio rows (each doubled
+        # when guidance is baked into the 1/7 of rows at the smallest level).
+        extra = 2.0 * self.k_ratio * (1 + (1 / NUM_LEVELS if self.bake_cfg_scale else 0.0))
+        return {"forward_equivalents_per_sample": 3.0 + extra}

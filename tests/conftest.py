@@ -1,0 +1,73 @@
+"""Shared fixtures: an isolated MLflow store per test and Hydra composition of ``sweeps/``."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+CONFIG_DIR = ROOT / "sweeps"
+
+# Tests are CPU-only and small: keep them from fighting over the two cores.
+torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+
+
+@pytest.fixture
+def mlflow_uri(tmp_path, monkeypatch) -> str:
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    return uri
+
+
+@pytest.fixture
+def compose():
+    """``compose(*overrides)`` -> the resolved job config, exactly as ``bench.run`` would get it."""
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+
+    def _compose(*overrides: str):
+        with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
+            return hydra_compose(config_name="config", overrides=list(overrides))
+
+    return _compose
+
+
+def run_cli(*args: str, cwd: Path, timeout: float = 600, env: dict | None = None):
+    """``python -m bench.run ARGS`` in ``cwd``; returns the CompletedProcess."""
+    import subprocess
+
+    full_env = {**os.environ, "PYTHONPATH": str(ROOT), **(env or {})}
+    return subprocess.run(
+        [sys.executable, "-m", "bench.run", *args],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=full_env,
+    )
+
+
+class Analytic(torch.nn.Module):
+    """A 'network' with a known velocity ``f(x, t, d, y)``; counts evaluated rows."""
+
+    def __init__(self, f, num_classes: int = 0):
+        super().__init__()
+        self.f, self.num_classes = f, num_classes
+        self.calls: list[tuple] = []
+        self.rows = 0
+
+    def forward(self, x, t, d, y=None):
+        n = x.shape[0]
+        t, d = t.expand(n), d.expand(n)
+        self.calls.append((x.clone(), t.clone(), d.clone(), None if y is None else y.clone()))
+        self.rows += n
+        return self.f(x, t, d, y)
+
+
+def bcast(s, x):
+    """Per-row scalars (N,) broadcast against x (N, ...)."""
+    return s.view(-1, *([1] * (x.dim() - 1)))
