@@ -143,8 +143,10 @@ class Evaluator:
         return BudgetResult(steps, m, samples)
 
 
-def save_grid(samples: Tensor, path: Path, kind: str, nrow: int = 8) -> Path | None:
-    """An 8x8 grid of the first 64 images, or a scatter plot of 2-D points."""
+def save_grid(
+    samples: Tensor, path: Path, kind: str, nrow: int = 8, limit: int | None = 64
+) -> Path | None:
+    """A grid of the first ``limit`` images (``nrow`` per row), or a scatter plot of 2-D points."""
     path.parent.mkdir(parents=True, exist_ok=True)
     if kind == "points":
         import matplotlib
@@ -162,7 +164,7 @@ def save_grid(samples: Tensor, path: Path, kind: str, nrow: int = 8) -> Path | N
         return None  # latents: decode before looking at them
     from torchvision.utils import save_image
 
-    save_image(samples[: nrow * nrow].clamp(-1, 1) * 0.5 + 0.5, path, nrow=nrow, padding=1)
+    save_image(samples[:limit].clamp(-1, 1) * 0.5 + 0.5, path, nrow=nrow, padding=1)
     return path
 
 
@@ -173,3 +175,40 @@ def save_samples(samples: Tensor, labels: Tensor | None, path: Path) -> Path:
         arrays["labels"] = labels.numpy()
     np.savez_compressed(path, **arrays)
     return path
+
+
+def slerp(z0: Tensor, z1: Tensor, a: Tensor) -> Tensor:
+    """Spherical interpolation between noises (keeps the Gaussian norm; Shoemake 1985)."""
+    cos = (z0 * z1).flatten(1).sum(1) / (z0.flatten(1).norm(dim=1) * z1.flatten(1).norm(dim=1))
+    theta = torch.arccos(cos.clamp(-1 + 1e-7, 1 - 1e-7)).view(-1, *[1] * (z0.dim() - 1))
+    a = a.view(-1, *[1] * (z0.dim() - 1))
+    return (torch.sin((1 - a) * theta) * z0 + torch.sin(a * theta) * z1) / torch.sin(theta)
+
+
+@torch.no_grad()
+def interpolation_grid(
+    method,
+    net: nn.Module,
+    data: Dataset,
+    path: Path,
+    steps=(1, 128),
+    pairs: int = 4,
+    points: int = 8,
+    seed: int = 0,
+    device="cpu",
+) -> Path | None:
+    """The shortcut paper's latent interpolation: slerp between two noises, decoded at each budget
+    in ``steps``. One row per (budget, pair); columns run from the first noise to the second."""
+    if data.kind != "image":
+        return None
+    g = torch.Generator().manual_seed(seed)
+    z0, z1 = torch.randn((2, pairs, *data.shape), generator=g)
+    a = torch.linspace(0, 1, points)
+    z = torch.cat(
+        [
+            slerp(z0[i].expand(points, *data.shape), z1[i].expand(points, *data.shape), a)
+            for i in range(pairs)
+        ]
+    )
+    rows = [method.sample(net, z.to(device), s).float().cpu() for s in steps]
+    return save_grid(torch.cat(rows), path, data.kind, nrow=points, limit=None)

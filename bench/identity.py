@@ -33,7 +33,8 @@ def short_name(target: str) -> str:
 
 
 def run_dir(cfg: DictConfig) -> Path:
-    size = str(cfg.size.get("name") or cfg.size.get("size") or short_name(cfg.size._target_))
+    s = cfg.size
+    size = str(s.get("name") or (f"{s.size}/{s.patch}" if "size" in s else short_name(s._target_)))
     name = "-".join(
         [
             short_name(cfg.method._target_),

@@ -24,7 +24,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from bench.errors import UserError
-from bench.evaluate import Evaluator, save_grid, save_samples
+from bench.evaluate import Evaluator, interpolation_grid, save_grid, save_samples
 from bench.identity import identity_config, identity_hash, run_dir, short_name
 from bench.train import DivergenceError, Trainer
 
@@ -72,12 +72,29 @@ def pick_device(name: str) -> torch.device:
     return torch.device(name)
 
 
+def make(node: DictConfig, **kwargs):
+    """``hydra.utils.instantiate`` that lets our one-sentence ``UserError`` through unwrapped."""
+    from hydra.errors import InstantiationException
+
+    try:
+        return instantiate(node, **kwargs)
+    except InstantiationException as e:
+        cause = e.__cause__
+        while cause is not None and not isinstance(cause, UserError):
+            cause = cause.__cause__
+        if cause is not None:
+            raise cause from None
+        raise
+
+
 def build(cfg: DictConfig):
-    """Data, network and method from the config (no training)."""
-    method = instantiate(cfg.method)
+    """Data, network and method from the config (no training); the initial weights depend on
+    ``cfg.seed`` only."""
+    torch.manual_seed(cfg.seed)
+    method = make(cfg.method)
     for steps in cfg.eval.budgets:  # fail before any training, not after it
         method.check_budget(steps)
-    data = instantiate(cfg.data)
+    data = make(cfg.data)
     conditional = bool(cfg.data.get("conditional", False))
     if conditional and data.num_classes == 0:
         raise UserError(
@@ -87,9 +104,7 @@ def build(cfg: DictConfig):
         raise UserError(
             f"{data.name} holds {data.shape[0]}-d points; use size=mlp (DiT sizes are for images)"
         )
-    net = instantiate(
-        cfg.size, input_shape=data.shape, num_classes=data.num_classes if conditional else 0
-    )
+    net = make(cfg.size, input_shape=data.shape, num_classes=data.num_classes if conditional else 0)
     return data, net, method, conditional
 
 
@@ -224,6 +239,17 @@ def job(cfg: DictConfig) -> float | None:
         state.setdefault("evaluated", {})[key] = done
         write_state(state_path, state)  # a crash mid-evaluation keeps the budgets already done
 
+    if cfg.eval.interpolation:
+        grid = interpolation_grid(
+            method,
+            eval_net,
+            data,
+            rd / "grids" / "interpolation.png",
+            seed=cfg.eval.seed,
+            device=device,
+        )
+        if grid is not None:
+            tracker.log_artifact(grid, "grids")
     print_table(results, protocol, evaluator.floor)
     state["status"] = "finished"
     write_state(state_path, state)

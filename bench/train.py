@@ -147,21 +147,23 @@ class Trainer:
                 sums[k] = sums.get(k, 0.0) + v
             count += 1
             bar.update(1)
-            boundary = self.step % cfg.log_every == 0 or self.step == end
-            if boundary or self.step % cfg.ckpt_every == 0:
+            log_now = self.step % cfg.log_every == 0 or self.step == end
+            save_now = self.step % cfg.ckpt_every == 0 or self.step == end
+            if log_now or save_now:
                 means = {k: float(v) / count for k, v in sums.items()}  # the one sync per interval
                 if not all(math.isfinite(v) for v in means.values()):
                     bar.close()
                     raise DivergenceError(self.step, means["loss"])
+            if log_now:
                 elapsed = time.perf_counter() - tick
                 means["train/img_per_s"] = count * cfg.batch_size / max(elapsed, 1e-9)
                 if self.tracker is not None:
-                    self.tracker.log_metrics(
-                        {f"train/{k}" if k.startswith("loss") else k: v for k, v in means.items()},
-                        step=self.step,
-                    )
+                    named = {
+                        (f"train/{k}" if k.startswith("loss") else k): v for k, v in means.items()
+                    }
+                    self.tracker.log_metrics(named, step=self.step)
                 bar.set_postfix(loss=f"{means['loss']:.4f}")
                 sums, count, tick = {}, 0, time.perf_counter()
-                if self.step % cfg.ckpt_every == 0 or self.step == end:
-                    self.save()
+            if save_now:
+                self.save()
         bar.close()

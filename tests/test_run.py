@@ -1,0 +1,184 @@
+"""End to end: a job trains, evaluates and logs to MLflow; the CLI refuses bad input clearly."""
+
+import json
+
+import mlflow
+import pytest
+import torch
+from conftest import run_cli
+
+from bench.errors import UserError
+from bench.run import job
+
+TOY = [
+    "train.steps=6",
+    "train.batch_size=16",
+    "train.log_every=2",
+    "train.ckpt_every=3",
+    "train.progress=false",
+    "eval.num_samples=32",
+    "eval.batch_size=32",
+    "eval.budgets=[1,2,128]",
+]
+
+
+def runs(uri):
+    mlflow.set_tracking_uri(uri)
+    return mlflow.search_runs(experiment_names=["fewstep-bench"])
+
+
+def test_a_job_trains_evaluates_and_logs_everything(compose, mlflow_uri, tmp_path, capsys):
+    cfg = compose(*TOY, f"paths.root={tmp_path}", f"tracking.uri={mlflow_uri}")
+    job(cfg)
+    out = capsys.readouterr().out
+    assert "FD(train)" in out and "extractor=classifier-digits16" in out
+
+    df = runs(mlflow_uri)
+    assert len(df) == 1
+    run = df.iloc[0]
+    assert run["status"] == "FINISHED"
+    assert run["params.method.k_ratio"] == "0.25" and run["params.size.name"] == "tiny/4"
+    assert run["tags.method"] == "shortcut" and run["tags.eval.num_samples"] == "32"
+    for steps in (1, 2, 128):
+        assert run[f"metrics.fd/train/steps_{steps}"] > 0
+        assert run[f"metrics.nfe/steps_{steps}"] == steps
+    client = mlflow.tracking.MlflowClient()
+    curve = client.get_metric_history(run["run_id"], "train/loss")
+    assert [m.step for m in curve] == [2, 4, 6]
+    artifacts = {a.path for a in client.list_artifacts(run["run_id"], "grids")}
+    assert {"grids/steps_1.png", "grids/steps_128.png", "grids/interpolation.png"} <= artifacts
+    state = json.loads(next((tmp_path / "runs").iterdir()).joinpath("state.json").read_text())
+    assert state["status"] == "finished"
+
+    # The same command again: no retraining, no re-evaluation, the same MLflow run.
+    job(cfg)
+    out = capsys.readouterr().out
+    assert "not retraining" in out and "evaluating nothing more" in out
+    assert len(runs(mlflow_uri)) == 1
+    # A new budget on a finished run: only that budget is evaluated.
+    job(
+        compose(
+            *TOY[:-1],
+            "eval.budgets=[1,2,4,128]",
+            f"paths.root={tmp_path}",
+            f"tracking.uri={mlflow_uri}",
+        )
+    )
+    out = capsys.readouterr().out
+    assert "evaluating [4]" in out
+    assert "metrics.fd/train/steps_4" in runs(mlflow_uri).columns
+
+
+def test_toy2d_with_the_mlp_reports_point_metrics(compose, mlflow_uri, tmp_path):
+    cfg = compose(
+        "+experiment=toy_control",
+        "method=flow_matching",
+        *TOY[:5],
+        "eval.num_samples=200",
+        "eval.batch_size=200",
+        "eval.budgets=[1,2]",
+        f"paths.root={tmp_path}",
+        f"tracking.uri={mlflow_uri}",
+    )
+    job(cfg)
+    run = runs(mlflow_uri).iloc[0]
+    assert run["metrics.energy/steps_1"] > run["metrics.energy/floor"]
+    assert "metrics.fd/train/steps_1" not in run.index
+
+
+def test_class_conditional_shortcut_with_cfg(compose, mlflow_uri, tmp_path):
+    cfg = compose(
+        "data.conditional=true",
+        "method.cfg_scale=1.5",
+        *TOY,
+        f"paths.root={tmp_path}",
+        f"tracking.uri={mlflow_uri}",
+    )
+    job(cfg)
+    run = runs(mlflow_uri).iloc[0]
+    assert run["metrics.nfe/steps_128"] == 256 and run["metrics.nfe/steps_2"] == 2
+
+
+def test_divergence_marks_the_run_failed(compose, mlflow_uri, tmp_path, monkeypatch):
+    from methods.shortcut import Shortcut
+
+    real = Shortcut.loss
+    monkeypatch.setattr(
+        Shortcut, "loss", lambda self, n, b, s: (real(self, n, b, s)[0] * float("inf"), {})
+    )
+    with pytest.raises(UserError, match="training diverged.*marked FAILED"):
+        job(compose(*TOY, f"paths.root={tmp_path}", f"tracking.uri={mlflow_uri}"))
+    run = runs(mlflow_uri).iloc[0]
+    assert run["status"] == "FAILED" and run["tags.failure_step"] == "2"
+
+
+def test_a_corrupt_checkpoint_is_one_sentence(compose, mlflow_uri, tmp_path):
+    cfg = compose(*TOY, f"paths.root={tmp_path}", f"tracking.uri={mlflow_uri}")
+    job(cfg)
+    ckpt = next((tmp_path / "runs").iterdir()) / "checkpoint.pt"
+    ckpt.write_bytes(ckpt.read_bytes()[:1000])
+    with pytest.raises(UserError, match="truncated or corrupt"):
+        job(cfg)
+
+
+@pytest.mark.parametrize(
+    "args,message",
+    [
+        (["method=foo"], "unknown method 'foo'; choose one of: flow_matching, shortcut"),
+        (["-m", "size=tiny,XXL"], "unknown size 'XXL'; choose one of: B, L, S, XL, mlp, tiny"),
+        (
+            ["data=mnist"],
+            "unknown data 'mnist'; choose one of: digits16, image_folder, latents, shapes16, toy2d",
+        ),
+        (["method.k_ratio=4"], "k_ratio=4 is outside [0, 1)"),
+        (["eval.budgets=[1,3]"], "step budget 3 is not allowed for Shortcut"),
+        (
+            ["data=image_folder", "data.path=/nonexistent/images"],
+            "dataset path '/nonexistent/images' does not exist",
+        ),
+    ],
+)
+def test_bad_input_is_one_sentence_and_exit_2(tmp_path, args, message):
+    proc = run_cli(
+        *args,
+        "train.steps=1",
+        f"paths.root={tmp_path}",
+        cwd=tmp_path,
+        env={"MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path}/m.db"},
+    )
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    lines = [l for l in proc.stderr.strip().splitlines() if l.strip()]
+    assert lines[-1].startswith("error: ") and message in lines[-1], proc.stderr[-2000:]
+    assert "Traceback" not in proc.stderr
+    assert not list(tmp_path.glob("runs/*/checkpoint.pt"))
+
+
+@pytest.mark.slow
+def test_the_multirun_from_the_issue(tmp_path):
+    """`python -m bench.run -m method=flow_matching size=tiny,S data=digits16 train.steps=2`,
+    with a small batch and evaluation so DiT-S fits in CI's time."""
+    proc = run_cli(
+        "-m",
+        "method=flow_matching",
+        "size=tiny,S",
+        "data=digits16",
+        "train.steps=2",
+        "train.batch_size=8",
+        "eval=smoke",
+        "eval.num_samples=16",
+        f"paths.root={tmp_path}",
+        cwd=tmp_path,
+        env={"MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path}/m.db"},
+        timeout=900,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    dirs = sorted(p.name for p in (tmp_path / "runs").iterdir())
+    assert (
+        len(dirs) == 2
+        and dirs[0].startswith("flow_matching-S_2")
+        and dirs[1].startswith("flow_matching-tiny_4")
+    )
+    assert proc.stdout.count("FD(train)") == 2
+    df = runs(f"sqlite:///{tmp_path}/m.db")
+    assert sorted(df["tags.size"]) == ["S/2", "tiny/4"] and (df["status"] == "FINISHED").all()
+    assert torch.cuda.is_available() or (df["tags.device"] == "cpu").all()
