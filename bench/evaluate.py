@@ -137,7 +137,9 @@ class Evaluator:
         if self.data.kind == "points":
             m.update(self._point_metrics(samples, key))
         else:
-            stats = Stats.of(extract(self.extractor, samples.clamp(-1, 1)))
+            # Pixels are clamped to the data range before the extractor; latents are not bounded.
+            x = samples.clamp(-1, 1) if self.data.kind == "image" else samples
+            stats = Stats.of(extract(self.extractor, x))
             m[f"fd/train/{key}"] = frechet_distance(stats, self.train_stats)
             m[f"fd/test/{key}"] = frechet_distance(stats, self.test_stats)
         return BudgetResult(steps, m, samples)
@@ -198,7 +200,8 @@ def interpolation_grid(
     device="cpu",
 ) -> Path | None:
     """The shortcut paper's latent interpolation: slerp between two noises, decoded at each budget
-    in ``steps``. One row per (budget, pair); columns run from the first noise to the second."""
+    in ``steps``. One row per (budget, pair); columns run from the first noise to the second.
+    Class-conditional models are sampled with the null label (unguided)."""
     if data.kind != "image":
         return None
     g = torch.Generator().manual_seed(seed)

@@ -145,8 +145,11 @@ def print_table(
         )
     detail = ", ".join(f"{k.split('.', 1)[1]}={v}" for k, v in protocol.items())
     floor_txt = ", ".join(f"{k}={v:.3g}" for k, v in floor.items())
+    what = (
+        "real training points vs the reference" if points else "held-out images vs train statistics"
+    )
     print(
-        "\n".join(lines) + f"\nprotocol: {detail}\nreal-data floor at the same count: {floor_txt}",
+        f"{chr(10).join(lines)}\nprotocol: {detail}\nreal-data floor ({what}): {floor_txt}",
         flush=True,
     )
 

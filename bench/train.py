@@ -1,6 +1,7 @@
 """The training loop. It never asks which method it runs: ``method.loss`` gives the loss.
 
-AdamW on the online network, an EMA copy, gradient clipping when configured, periodic atomic
+AdamW on the online network, an EMA copy, gradient clipping when configured, gradient accumulation
+over ``grad_accum`` micro-batches (off by default), periodic atomic
 checkpoints (network, EMA, optimizer, method state, RNG, step) and resume from the last one.
 Every step reseeds the global RNG from ``(seed, step)`` and draws its batch from a generator with
 the same key, so a resumed run is bitwise the run that was never interrupted (CPU, same threads).
@@ -22,6 +23,7 @@ from tqdm.auto import tqdm
 from bench import checkpoint
 from bench.data import Dataset
 from bench.ema import EMA
+from bench.errors import UserError
 from methods.base import Method, Nets
 
 log = logging.getLogger(__name__)
@@ -65,6 +67,10 @@ class Trainer:
             meta,
         )
         self.tracker = tracker
+        if method.stages != 1:  # multi-stage methods (PD rounds, reflow) need the stage loop
+            raise NotImplementedError(
+                f"{type(method).__name__} has {method.stages} stages; the trainer runs one"
+            )
         self.opt = torch.optim.AdamW(
             net.parameters(),
             lr=cfg.lr,
@@ -115,6 +121,11 @@ class Trainer:
         """Train to ``cfg.steps`` (or to ``stop_at``, for tests that simulate an interruption)."""
         cfg, net = self.cfg, self.net
         end = min(cfg.steps, stop_at) if stop_at is not None else cfg.steps
+        accum = int(cfg.get("grad_accum", 1))
+        if accum < 1 or cfg.batch_size % accum:
+            raise UserError(
+                f"train.grad_accum={accum} must be a positive divisor of train.batch_size={cfg.batch_size}"
+            )
         if self.step >= end:
             return
         self.method.begin_stage(0, self.nets)
@@ -131,20 +142,21 @@ class Trainer:
         )
         while self.step < end:
             torch.manual_seed(step_seed(cfg.seed, self.step))
-            batch = self.data.batch(cfg.batch_size, cfg.seed, self.step, self.conditional).to(
-                self.device
-            )
-            loss, logs = self.method.loss(self.nets, batch, self.step)
             self.opt.zero_grad(set_to_none=True)
-            loss.backward()
+            for micro in range(accum):  # accum = 1: one batch of batch_size per step
+                batch = self.data.batch(
+                    cfg.batch_size // accum, cfg.seed, self.step * accum + micro, self.conditional
+                ).to(self.device)
+                loss, logs = self.method.loss(self.nets, batch, self.step)
+                (loss / accum).backward()
+                for k, v in {"loss": loss.detach(), **logs}.items():
+                    sums[k] = sums.get(k, 0.0) + v / accum
             if cfg.grad_clip:
                 nn.utils.clip_grad_norm_(net.parameters(), cfg.grad_clip)
             self.opt.step()
             self.ema.update(net, self.step)
             self.method.after_step(self.nets, self.step)
             self.step += 1
-            for k, v in {"loss": loss.detach(), **logs}.items():
-                sums[k] = sums.get(k, 0.0) + v
             count += 1
             bar.update(1)
             log_now = self.step % cfg.log_every == 0 or self.step == end
@@ -163,7 +175,9 @@ class Trainer:
                     }
                     self.tracker.log_metrics(named, step=self.step)
                 bar.set_postfix(loss=f"{means['loss']:.4f}")
-                sums, count, tick = {}, 0, time.perf_counter()
+                sums, count = {}, 0
             if save_now:
                 self.save()
+            if log_now:
+                tick = time.perf_counter()  # after the save: img/s counts training only
         bar.close()

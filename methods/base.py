@@ -54,7 +54,11 @@ def interpolate(x0: Tensor, x1: Tensor, t: Tensor) -> Tensor:
 
 def check_budget(steps: int, allowed=BUDGETS, method: str = "this method") -> int:
     """A step budget must be a power of two in 1..128 (one of the shortcut levels)."""
-    if isinstance(steps, bool) or int(steps) != steps or int(steps) not in allowed:
+    try:
+        valid = not isinstance(steps, bool) and int(steps) == steps and int(steps) in allowed
+    except (TypeError, ValueError, OverflowError):
+        valid = False
+    if not valid:
         raise UserError(
             f"step budget {steps!r} is not allowed for {method}; "
             f"choose from {', '.join(map(str, allowed))} (powers of two up to {MAX_STEPS})"

@@ -35,6 +35,8 @@ distinct rows      yes (paper)                  reuses the first rows of the bat
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import Tensor
 
@@ -84,8 +86,9 @@ class Shortcut(Method):
 
     # -- training ------------------------------------------------------------------------------
     def split(self, batch_size: int) -> int:
-        """Number of self-consistency rows in a batch (the first ones; the rest are flow rows)."""
-        return int(round(self.k_ratio * batch_size))
+        """Number of self-consistency rows in a batch (the first ones; the rest are flow rows).
+        Floor, so any k_ratio < 1 leaves at least one flow-matching row to anchor level 7."""
+        return int(math.floor(self.k_ratio * batch_size))
 
     def levels(self, n: int, device) -> Tensor:
         """Full-step exponents ``k`` (full step ``2^-k``) for ``n`` self-consistency rows."""
@@ -98,7 +101,8 @@ class Shortcut(Method):
 
     @torch.no_grad()
     def bootstrap_target(self, net, xt: Tensor, t: Tensor, d: Tensor, y: Tensor | None) -> Tensor:
-        """Average of two half-steps of size ``d``: ``(s(x_t, t, d) + s(x_t + d s, t + d, d)) / 2``."""
+        """Average of two half-steps of size ``d``: ``(s(x_t, t, d) + s(x_t + d s, t + d, d)) / 2``,
+        with ``x'`` and the target clipped to ``[-clip, clip]`` when ``clip`` is set (official code)."""
         # Official-code option: guided velocity on rows whose half step is the flow-matching
         # level. The conditional forward is already done; only the unconditional one is added.
         fine = (
@@ -174,7 +178,9 @@ class Shortcut(Method):
         return self.cfg_scale != 1.0 and steps == MAX_STEPS
 
     def cost(self) -> dict[str, float]:
-        # One fwd+bwd on every row, plus two no-grad forwards on the k_ratio rows (each doubled
-        # when guidance is baked into the 1/7 of rows at the smallest level).
-        extra = 2.0 * self.k_ratio * (1 + (1 / NUM_LEVELS if self.bake_cfg_scale else 0.0))
+        # One fwd+bwd on every row, plus two no-grad forwards on the k_ratio rows; baked guidance
+        # (class-conditional data only) adds an unconditional forward on the rows at the smallest
+        # level: 1/7 of them with uniform levels, floor(m/7)/m with the even allocation.
+        baked = self.bake_cfg_scale is not None
+        extra = 2.0 * self.k_ratio * (1 + (1 / NUM_LEVELS if baked else 0.0))
         return {"forward_equivalents_per_sample": 3.0 + extra}

@@ -72,6 +72,16 @@ def test_targets_match_a_hand_computation(batch, weights, f):
     torch.testing.assert_close(r.target[m:], batch.x1[m:] - batch.x0[m:])
 
 
+def test_labels_real_on_bootstrap_rows_and_dropped_only_on_flow_rows(batch):
+    y = torch.arange(16) % 10
+    sc = Shortcut(k_ratio=0.25, label_dropout=1.0)
+    net = Analytic(f_online, num_classes=10)
+    r = sc.targets(Nets(net, net), Batch(batch.x1, y, batch.x0))
+    assert torch.equal(r.y[:4], y[:4])  # bootstrap rows: the real label
+    assert torch.all(r.y[4:] == 10)  # flow rows: dropped to the null label with p = 1
+    assert all(torch.equal(c[3], y[:4]) for c in net.calls)  # the target network saw real labels
+
+
 def test_bootstrap_targets_carry_no_gradient(batch):
     net = VelocityMLP((3,), hidden=16, depth=2)
     torch.nn.init.normal_(net.out.weight)
@@ -79,7 +89,7 @@ def test_bootstrap_targets_carry_no_gradient(batch):
     assert not r.target.requires_grad
 
 
-@pytest.mark.parametrize("k_ratio,expected", [(0.0, 0), (0.125, 2), (0.5, 8), (0.99, 16)])
+@pytest.mark.parametrize("k_ratio,expected", [(0.0, 0), (0.125, 2), (0.5, 8), (0.99, 15)])
 def test_fraction_of_the_batch(batch, k_ratio, expected):
     net = Analytic(f_online)
     assert Shortcut(k_ratio=k_ratio).split(16) == expected
@@ -97,6 +107,7 @@ def test_level_sampling_uniform_and_official_even_allocation():
     sc = Shortcut()
     torch.manual_seed(0)
     counts = torch.bincount(sc.levels(7000, "cpu"), minlength=7)
+    assert counts.numel() == 7, "levels are 0..6 only (7 is the flow-matching level)"
     assert counts.min() > 850 and counts.max() < 1150
     even = Shortcut(level_sampling="even")
     assert even.levels(16, "cpu").tolist() == [6, 6, 5, 5, 4, 4, 3, 3, 2, 2, 1, 1, 0, 0, 0, 0]
@@ -104,7 +115,7 @@ def test_level_sampling_uniform_and_official_even_allocation():
     assert even.levels(5, "cpu").tolist() == [0] * 5
 
 
-@pytest.mark.parametrize("steps", [3, 6, 0, 256, 1.5])
+@pytest.mark.parametrize("steps", [3, 6, 0, 256, 1.5, float("nan")])
 def test_budget_must_be_a_power_of_two_up_to_128(steps):
     with pytest.raises(UserError, match=f"step budget {steps!r} is not allowed"):
         Shortcut().sample(Analytic(f_online), torch.zeros(2, 3), steps)
