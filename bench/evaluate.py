@@ -4,6 +4,8 @@ For each budget ``N`` the method samples ``num_samples`` images from the same fi
 ``eval.seed``; balanced labels when class-conditional), and the evaluator reports
 
 * images: the offline Frechet distance in a frozen feature space (``bench.metrics.feature_net``)
+  and, in the same features, KID, precision/recall, density/coverage, class-histogram KL and the
+  copy rate (``bench.metrics.quality``); with ``fid`` also clean-fid Inception FID (``fid/steps_N``);
   against the training split (``fd/train/steps_N``, the paper convention) and the held-out split
   (``fd/test/steps_N``), plus the real-vs-real floor (``fd/train/floor``: held-out images against
   the training statistics, ``num_samples`` of them or the whole held-out split when it is smaller
@@ -26,7 +28,8 @@ import torch
 from torch import Tensor, nn
 
 from bench.data import Dataset
-from bench.metrics import points
+from bench.errors import UserError
+from bench.metrics import points, quality
 from bench.metrics.feature_net import extract, load_feature_net, weights_hash
 from bench.metrics.frechet import Stats, frechet_distance
 
@@ -48,6 +51,11 @@ def fixed_noise(
 
 
 class Evaluator:
+    """Fixed noise, fixed references, one protocol for every budget of a run.
+
+    ``fid`` adds clean-fid Inception FID (``fid/steps_N``) against cached training statistics;
+    ``fid_extractor`` replaces Inception by any network taking [0, 255] images (tests)."""
+
     def __init__(
         self,
         data: Dataset,
@@ -56,6 +64,10 @@ class Evaluator:
         batch_size: int,
         device: torch.device,
         conditional: bool,
+        fid: bool = False,
+        inception_dir: str | None = None,
+        cache_dir: str | None = None,
+        fid_extractor=None,
     ):
         self.data, self.n, self.seed, self.batch_size = data, num_samples, seed, batch_size
         self.device, self.conditional = device, conditional
@@ -69,13 +81,50 @@ class Evaluator:
             return
         self.extractor, self.extractor_name = load_feature_net(data.name, data.shape[0])
         self.extractor_hash = weights_hash(self.extractor)
-        self.train_stats = Stats.of(extract(self.extractor, data.train_x))
+        self.train_feats = extract(self.extractor, data.train_x)
+        self.train_stats = Stats.of(self.train_feats)
         self.test_stats = Stats.of(extract(self.extractor, data.test_x))
-        # The floor: real held-out images against the training statistics, at the sample count
+        labelled = self.extractor_name.startswith("classifier") and data.train_y is not None
+        self.train_labels = data.train_y.numpy() if labelled else None
+        self.copies = quality.CopyDetector(data.train_x) if data.kind == "image" else None
+        # The floor: real held-out images against the training references, at the sample count
         # when the held-out split is large enough, else at the split's size (stated in the tags).
         self.floor_count = min(num_samples, len(data.test_x))
-        real = Stats.of(extract(self.extractor, data.test_x[: self.floor_count]))
-        self.floor = {"fd/train/floor": frechet_distance(real, self.train_stats)}
+        self.floor = {
+            k.replace("steps_floor", "floor"): v
+            for k, v in self._image_metrics(data.test_x[: self.floor_count], "steps_floor").items()
+        }
+        self.fid = None
+        if fid:
+            self._setup_fid(inception_dir, cache_dir, fid_extractor)
+
+    def _setup_fid(self, inception_dir, cache_dir, extractor) -> None:
+        from bench.metrics import clean_fid
+
+        if self.data.kind != "image":
+            raise UserError(
+                f"eval.fid=true needs images, but {self.data.name} holds {self.data.kind}s; "
+                "decoding latents before FID arrives with the latent pipeline"
+            )
+        name = "custom" if extractor is not None else "inception-v3-clean"
+        if extractor is None:
+            extractor = clean_fid.inception(inception_dir, self.device)
+        res = f"{self.data.shape[1]}x{self.data.shape[2]}"
+        key = {
+            "dataset": self.data.name,
+            "split": "train",
+            "resolution": res,
+            "extractor": name,
+            "n": str(len(self.data.train_x)),
+        }
+        stats, path = clean_fid.reference_stats(
+            self.data.train_x,
+            key,
+            Path(cache_dir or "~/.cache/fewstep-bench"),
+            extractor,
+            self.device,
+        )
+        self.fid = (clean_fid, extractor, stats, name, path)
 
     def protocol(self) -> dict[str, str]:
         p = {"eval.num_samples": str(self.n), "eval.noise_seed": str(self.seed)}
@@ -95,9 +144,50 @@ class Evaluator:
                     "eval.extractor": self.extractor_name,
                     "eval.extractor_hash": self.extractor_hash,
                     "eval.floor_count": str(self.floor_count),
+                    "eval.other_metrics": "KID (cubic kernel, z-scored features, 20 subsets), "
+                    "precision/recall and density/coverage (k=3), class-histogram KL, "
+                    "copy rate (pixel L2 < 1/3 median train NN distance); all vs the train split",
+                }
+            )
+        if self.fid is not None:
+            _, _, stats, name, path = self.fid
+            p.update(
+                {
+                    "eval.fid_extractor": name,
+                    "eval.fid_mode": "clean-fid clean resize to 299",
+                    "eval.fid_reference": f"{self.data.name} train ({stats.n} images), {path}",
                 }
             )
         return p
+
+    @torch.no_grad()
+    def _image_metrics(self, samples: Tensor, key: str) -> dict[str, float]:
+        """Every feature-space metric of ``samples`` against the training references."""
+        # Pixels are clamped to the data range before the extractor; latents are not bounded.
+        x = samples.clamp(-1, 1) if self.data.kind == "image" else samples
+        feats = extract(self.extractor, x)
+        stats = Stats.of(feats)
+        kid_mean, kid_std = quality.kid(feats, self.train_feats)
+        precision, recall = quality.precision_recall(feats, self.train_feats)
+        density, coverage = quality.density_coverage(feats, self.train_feats)
+        m = {
+            f"fd/train/{key}": frechet_distance(stats, self.train_stats),
+            f"fd/test/{key}": frechet_distance(stats, self.test_stats),
+            f"kid/{key}": kid_mean,
+            f"kid_std/{key}": kid_std,
+            f"precision/{key}": precision,
+            f"recall/{key}": recall,
+            f"density/{key}": density,
+            f"coverage/{key}": coverage,
+        }
+        if self.train_labels is not None:
+            labels = self.extractor.head(torch.as_tensor(feats)).argmax(1).numpy()
+            m[f"class_kl/{key}"] = quality.class_kl(
+                labels, self.train_labels, self.data.num_classes
+            )
+        if self.copies is not None:
+            m[f"copy_rate/{key}"] = self.copies.rate(x)
+        return m
 
     def _point_metrics(self, x: Tensor, suffix: str) -> dict[str, float]:
         return {
@@ -137,11 +227,10 @@ class Evaluator:
         if self.data.kind == "points":
             m.update(self._point_metrics(samples, key))
         else:
-            # Pixels are clamped to the data range before the extractor; latents are not bounded.
-            x = samples.clamp(-1, 1) if self.data.kind == "image" else samples
-            stats = Stats.of(extract(self.extractor, x))
-            m[f"fd/train/{key}"] = frechet_distance(stats, self.train_stats)
-            m[f"fd/test/{key}"] = frechet_distance(stats, self.test_stats)
+            m.update(self._image_metrics(samples, key))
+        if self.fid is not None:
+            clean_fid, extractor, stats, _, _ = self.fid
+            m[f"fid/{key}"] = clean_fid.fid(samples, stats, extractor, self.device)
         return BudgetResult(steps, m, samples)
 
 

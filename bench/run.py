@@ -131,14 +131,15 @@ def print_table(
     results: dict[int, dict[str, float]], protocol: dict[str, str], floor: dict
 ) -> None:
     points = "eval.extractor" not in protocol
-    head = "energy    mmd^2" if points else "FD(train)  FD(test)"
+    head = "energy    mmd^2" if points else "FD(train)  FD(test)     KID  prec  recall"
     lines = [f"{'steps':>5} {'NFE':>5}  {head}  samples/s"]
     for steps in sorted(results):
         m, k = results[steps], f"steps_{steps}"
         vals = (
             f"{m[f'energy/{k}']:8.4f} {m[f'mmd/{k}']:8.4f}"
             if points
-            else f"{m[f'fd/train/{k}']:9.2f} {m[f'fd/test/{k}']:9.2f}"
+            else f"{m[f'fd/train/{k}']:9.2f} {m[f'fd/test/{k}']:9.2f} {m[f'kid/{k}']:7.3f}"
+            f" {m[f'precision/{k}']:5.2f} {m[f'recall/{k}']:7.2f}"
         )
         lines.append(
             f"{steps:>5} {int(m[f'nfe/{k}']):>5}  {vals}  {m[f'sample/img_per_s_{k}']:9.0f}"
@@ -165,10 +166,34 @@ def job(cfg: DictConfig) -> float | None:
     method = method.to(device)
     identity = identity_hash(cfg)
     rd = run_dir(cfg)
-    rd.mkdir(parents=True, exist_ok=True)
     state_path = rd / STATE
     state = read_state(state_path)
 
+    # The evaluator is built before anything is trained or logged: a bad evaluation setting
+    # (missing Inception weights, FID on latents) fails first, and costs nothing.
+    cache = cfg.eval.get("cache_dir") or (
+        Path(cfg.data.path) / ".fewstep-stats"
+        if cfg.data.get("path")
+        else "~/.cache/fewstep-bench/stats"
+    )
+    evaluator = Evaluator(
+        data,
+        cfg.eval.num_samples,
+        cfg.eval.seed,
+        cfg.eval.batch_size,
+        device,
+        conditional,
+        fid=cfg.eval.get("fid", False),
+        inception_dir=cfg.eval.get("inception_dir"),
+        cache_dir=cache,
+    )
+    if cfg.get("eval_only") and state.get("status") != "finished":
+        raise UserError(
+            f"eval_only=true but {rd} holds no finished run (status: {state.get('status', 'none')}); "
+            "run the same command without eval_only first"
+        )
+
+    rd.mkdir(parents=True, exist_ok=True)
     tracker = Tracker(
         cfg.tracking.uri, cfg.tracking.experiment, state.get("mlflow_run_id"), rd.name
     )
@@ -209,9 +234,6 @@ def job(cfg: DictConfig) -> float | None:
     tracker.set_tags({"train.steps_done": str(trainer.step)})
 
     eval_net = trainer.ema.net if cfg.eval.weights == "ema" else trainer.net
-    evaluator = Evaluator(
-        data, cfg.eval.num_samples, cfg.eval.seed, cfg.eval.batch_size, device, conditional
-    )
     protocol = evaluator.protocol()
     tracker.set_tags({**protocol, "eval.weights": cfg.eval.weights})
     tracker.log_metrics(evaluator.floor)

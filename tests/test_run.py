@@ -60,12 +60,17 @@ def test_a_job_trains_evaluates_and_logs_everything(compose, mlflow_uri, tmp_pat
         compose(
             *TOY[:-1],
             "eval.budgets=[1,2,4,128]",
+            "eval_only=true",
             f"paths.root={tmp_path}",
             f"tracking.uri={mlflow_uri}",
         )
     )
     out = capsys.readouterr().out
-    assert "evaluating [4]" in out
+    assert "evaluating [4]" in out and "not retraining" in out
+    final = runs(mlflow_uri).iloc[0]
+    for name in ("kid", "precision", "recall", "density", "coverage", "copy_rate"):
+        assert f"metrics.{name}/steps_4" in final.index and f"metrics.{name}/floor" in final.index
+    assert final["tags.eval.extractor_hash"] and "KID" in final["tags.eval.other_metrics"]
     assert "metrics.fd/train/steps_4" in runs(mlflow_uri).columns
 
 
@@ -136,6 +141,8 @@ def test_a_corrupt_checkpoint_is_one_sentence(compose, mlflow_uri, tmp_path):
             ["data=image_folder", "data.path=/nonexistent/images"],
             "dataset path '/nonexistent/images' does not exist",
         ),
+        (["eval.fid=true", "eval.inception_dir=/nonexistent/w"], "place inception-2015-12-05.pt"),
+        (["eval_only=true"], "eval_only=true but"),
     ],
 )
 def test_bad_input_is_one_sentence_and_exit_2(tmp_path, args, message):
@@ -150,7 +157,7 @@ def test_bad_input_is_one_sentence_and_exit_2(tmp_path, args, message):
     lines = [l for l in proc.stderr.strip().splitlines() if l.strip()]
     assert lines[-1].startswith("error: ") and message in lines[-1], proc.stderr[-2000:]
     assert "Traceback" not in proc.stderr
-    assert not list(tmp_path.glob("runs/*/checkpoint.pt"))
+    assert not list(tmp_path.glob("runs/*"))  # nothing trained, nothing half-made
 
 
 @pytest.mark.slow

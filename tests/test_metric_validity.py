@@ -1,0 +1,149 @@
+"""Does the metric measure quality? EVALUATION.md's six checks, plus the clean-fid code path.
+
+1. real vs real sits at the floor, and KID is within 2 sigma of 0;
+2. blur and noise ladders give strictly increasing FD;
+3. the mean image and pure noise score >= 10x the floor;
+4. dropping half the classes cuts recall and coverage by >= 0.3, precision moves < 0.05;
+5. the oracle sampler (Euler on the exact flow-matching velocity of the empirical training set,
+   the best any flow-matching model can do) improves strictly with steps and its one-step output
+   is exactly the data mean; it memorises (copy rate) where held-out data does not;
+6. the same call twice gives identical values.
+"""
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from torchvision.transforms.functional import gaussian_blur
+
+from bench import data
+from bench.errors import UserError
+from bench.evaluate import Evaluator
+from bench.metrics import clean_fid, points
+from methods.flow_matching import FlowMatching
+
+
+@pytest.fixture(scope="module")
+def digits():
+    return data.digits16()
+
+
+@pytest.fixture(scope="module")
+def ev(digits):
+    return Evaluator(digits, 450, 0, 450, torch.device("cpu"), conditional=False)
+
+
+def fd(ev, x):
+    return ev._image_metrics(x, "k")["fd/train/k"]
+
+
+def test_real_vs_real_is_at_the_floor_and_kid_is_zero(ev, digits):
+    floor = ev.floor["fd/train/floor"]
+    half = digits.train_x[::3][:450]  # real training images, another draw of the same data
+    assert fd(ev, half) < 2 * floor
+    m = ev._image_metrics(digits.test_x, "k")
+    assert abs(m["kid/k"]) < 2 * m["kid_std/k"] + 1e-4
+
+
+def test_blur_and_noise_ladders_increase_strictly(ev, digits):
+    x = digits.test_x
+    blur = [fd(ev, gaussian_blur(x, [9, 9], [s, s])) for s in (0.5, 1.0, 1.5, 2.0)]
+    noise_gen = torch.Generator().manual_seed(0)
+    noise = [
+        fd(ev, (x + s * torch.randn(x.shape, generator=noise_gen)).clamp(-1, 1))
+        for s in (0.1, 0.2, 0.4)
+    ]
+    assert all(a < b for a, b in zip(blur, blur[1:], strict=False)), blur
+    assert all(a < b for a, b in zip(noise, noise[1:], strict=False)), noise
+    assert blur[0] > ev.floor["fd/train/floor"]
+
+
+def test_mean_image_and_noise_are_far_above_the_floor(ev, digits):
+    floor = ev.floor["fd/train/floor"]
+    mean = digits.train_x.mean(0, keepdim=True).expand(450, -1, -1, -1)
+    noise = torch.randn(450, 1, 16, 16, generator=torch.Generator().manual_seed(1)).clamp(-1, 1)
+    assert fd(ev, mean) >= 10 * floor and fd(ev, noise) >= 10 * floor
+
+
+def test_dropping_half_the_classes_cuts_recall_not_precision(ev, digits):
+    full = ev._image_metrics(digits.test_x, "k")
+    keep = digits.test_x[digits.test_y < 5]
+    half = ev._image_metrics(keep.repeat(2, 1, 1, 1)[:450], "k")
+    assert full["recall/k"] - half["recall/k"] >= 0.3
+    assert full["coverage/k"] - half["coverage/k"] >= 0.3
+    assert abs(full["precision/k"] - half["precision/k"]) < 0.05
+    assert half["class_kl/k"] > full["class_kl/k"] + 0.3
+
+
+class EmpiricalFlow(torch.nn.Module):
+    """The exact flow-matching velocity of the empirical data ``x1_i`` with Gaussian noise:
+    ``v(x, t) = (E[x1 | x_t = x] - x) / (1 - t)``, posterior weights
+    ``w_i ~ exp(-|x - t x1_i|^2 / (2 (1 - t)^2))``."""
+
+    num_classes = 0
+
+    def __init__(self, x1):
+        super().__init__()
+        self.x1 = x1.flatten(1).double()
+
+    def forward(self, x, t, d, y=None):
+        t0 = float(t[0])
+        flat = x.flatten(1).double()
+        logw = -torch.cdist(flat, t0 * self.x1).square() / (2 * (1 - t0) ** 2)
+        mean = logw.softmax(1) @ self.x1
+        return ((mean - flat) / (1 - t0)).view_as(x).float()
+
+
+def test_the_oracle_sampler_improves_strictly_and_starts_at_the_mean(ev, digits):
+    oracle, fm = EmpiricalFlow(digits.train_x), FlowMatching()
+    x0 = torch.randn(450, 1, 16, 16, generator=torch.Generator().manual_seed(2))
+    one = fm.sample(oracle, x0, 1)
+    torch.testing.assert_close(
+        one, digits.train_x.mean(0, keepdim=True).expand_as(one), atol=1e-5, rtol=0
+    )
+    scores = {n: ev._image_metrics(fm.sample(oracle, x0, n), "k") for n in (1, 2, 4, 8, 32)}
+    fds = [scores[n]["fd/train/k"] for n in (1, 2, 4, 8, 32)]
+    assert all(a > b for a, b in zip(fds, fds[1:], strict=False)), fds
+    # the oracle reproduces training images; held-out digits are not copies
+    assert scores[32]["copy_rate/k"] > 0.9
+    assert ev._image_metrics(digits.test_x, "k")["copy_rate/k"] < 0.1
+
+
+def test_identical_values_on_repeat(ev, digits):
+    x = gaussian_blur(digits.test_x, [9, 9], [1.0, 1.0])
+    assert ev._image_metrics(x, "k") == ev._image_metrics(x, "k")
+
+
+def test_toy_point_metrics_rank_quality():
+    ref = data.toy_points("8gaussians", 2000, 1)
+    real = data.toy_points("8gaussians", 2000, 2)
+    g = torch.Generator().manual_seed(0)
+    noisy = [real + s * torch.randn(real.shape, generator=g) for s in (0.1, 0.3, 0.6)]
+    energy = [points.energy_distance(x, ref) for x in [real, *noisy]]
+    assert all(a < b for a, b in zip(energy, energy[1:], strict=False)), energy
+    mean = real.mean(0, keepdim=True).expand_as(real)
+    assert points.rbf_mmd2(mean, ref) >= 10 * max(points.rbf_mmd2(real, ref), 1e-3)
+
+
+def pooled_features(x):
+    """A tiny stand-in for Inception: [0, 255] 299x299 images -> 48 pooled colour features."""
+    return F.adaptive_avg_pool2d(x.float() / 255, 4).flatten(1)
+
+
+def test_clean_fid_code_path_with_a_custom_extractor(tmp_path, digits):
+    cpu = torch.device("cpu")
+    key = {"dataset": "digits16", "split": "train", "resolution": "16x16", "extractor": "pooled"}
+    stats, path = clean_fid.reference_stats(
+        digits.train_x[:300], key, tmp_path, pooled_features, cpu
+    )
+    assert path.exists() and path.parent == tmp_path and stats.n == 300
+    again, _ = clean_fid.reference_stats(digits.train_x[:300], key, tmp_path, pooled_features, cpu)
+    np.testing.assert_array_equal(again.mu, stats.mu)  # read back from the .npz cache
+    real = clean_fid.fid(digits.test_x[:200], stats, pooled_features, cpu)
+    noise = clean_fid.fid(torch.rand(200, 1, 16, 16) * 2 - 1, stats, pooled_features, cpu)
+    assert 0 <= real < noise / 10
+
+
+def test_missing_inception_weights_name_the_file(tmp_path):
+    with pytest.raises(UserError, match=rf"place inception-2015-12-05.pt .* in {tmp_path}"):
+        clean_fid.inception(tmp_path, torch.device("cpu"))
