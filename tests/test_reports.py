@@ -1,0 +1,216 @@
+"""The report builder against an MLflow store with known runs (a failed run, a missing cell)."""
+
+import os
+import shutil
+import subprocess
+from html.parser import HTMLParser
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+from PIL import Image
+
+from bench.errors import UserError
+
+CONFIG_DIR = Path(__file__).resolve().parents[1] / "reports"
+VOID = {"meta", "img", "br", "hr", "link", "input"}
+
+
+def make_run(client, exp, tags, metrics, status="FINISHED", grid=None):
+    run = client.create_run(exp, run_name=f"{tags['method']}-{tags['seed']}", tags=tags)
+    rid = run.info.run_id
+    for k, v in metrics.items():
+        client.log_metric(rid, k, v)
+    for step, loss in [(10, 1.0), (20, 0.5)]:
+        client.log_metric(rid, "train/loss", loss, step=step)
+    if grid is not None:
+        client.log_artifact(rid, str(grid), "grids")
+    client.set_terminated(rid, status=status)
+    return rid
+
+
+@pytest.fixture
+def store(tmp_path):
+    import mlflow
+
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    mlflow.set_tracking_uri(uri)
+    client = mlflow.tracking.MlflowClient()
+    exp = client.create_experiment("bench", artifact_location=str(tmp_path / "artifacts"))
+    grid = tmp_path / "steps_1.png"
+    Image.fromarray((np.random.default_rng(0).random((34, 34)) * 255).astype(np.uint8)).save(grid)
+    common = {
+        "size": "tiny/4",
+        "data": "digits16",
+        "eval.num_samples": "1000",
+        "eval.reference": "digits16 train",
+        "eval.extractor": "classifier-digits16",
+        "eval.extractor_hash": "abc123",
+    }
+    budget = {
+        "budget/train_samples": 128000,
+        "budget/forward_equivalents": 4.5e5,
+        "budget/train_wall_s": 100,
+    }
+    for seed, (one, four, last) in enumerate([(10.0, 5.0, 2.0), (12.0, 7.0, 2.5)]):
+        make_run(
+            client,
+            exp,
+            {**common, "method": "shortcut", "seed": str(seed), "k_ratio": "0.25"},
+            {
+                "fd/train/steps_1": one,
+                "fd/train/steps_4": four,
+                "fd/train/steps_128": last,
+                "nfe/steps_1": 1,
+                "nfe/steps_4": 4,
+                "nfe/steps_128": 256,
+                **budget,
+            },
+            grid=grid if seed == 0 else None,
+        )
+    # flow matching was never evaluated at 128 steps: a missing cell
+    make_run(
+        client,
+        exp,
+        {**common, "method": "flow_matching", "seed": "0", "k_ratio": ""},
+        {
+            "fd/train/steps_1": 100.0,
+            "fd/train/steps_4": 4.0,
+            "nfe/steps_1": 1,
+            "nfe/steps_4": 4,
+            **budget,
+        },
+    )
+    make_run(
+        client,
+        exp,
+        {
+            **common,
+            "method": "consistency",
+            "seed": "0",
+            "k_ratio": "",
+            "failure": "training diverged at step 7",
+        },
+        {},
+        status="FAILED",
+    )
+    return uri
+
+
+def build(uri, out, *overrides):
+    from hydra import compose, initialize_config_dir
+
+    from reports.build import build as build_report
+
+    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
+        cfg = compose(
+            config_name="config", overrides=[f"tracking.uri={uri}", f"out={out}", *overrides]
+        )
+    return build_report(cfg)
+
+
+def test_tables_hold_exactly_the_logged_numbers(store, tmp_path):
+    out = build(store, tmp_path / "report")
+    md = (out / "report.md").read_text()
+    row = next(l for l in md.splitlines() if "/ shortcut" in l)
+    assert "**11.00 ± 1.41**" in row  # mean +- sample std of 10 and 12, best at 1 step
+    assert "6.00 ± 1.41" in row and "**2.25 ± 0.35**" in row
+    fm = next(l for l in md.splitlines() if "/ flow_matching" in l)
+    assert "100.00" in fm and "**4.00**" in fm and "not measured" in fm
+    failed = next(l for l in md.splitlines() if "/ consistency" in l)
+    assert "failed: training diverged at step 7" in failed
+    assert "1:1, 4:4, 128:256" not in row and "128:256" in row  # NFE differs from steps only at 128
+    assert "450,000" in row  # forward-equivalents budget column
+    assert "samples per budget: 1000" in md and "classifier-digits16 (weights abc123)" in md
+
+    tidy = pd.read_csv(out / "tidy.csv")
+    sc = tidy[(tidy.method == "shortcut") & (tidy.metric == "fd/train") & (tidy.steps == 1)]
+    assert sorted(sc.value) == [10.0, 12.0]
+    tex = (out / "table.tex").read_text()
+    assert "\\textbf{11.00 $\\pm$ 1.41}" in tex and "\\begin{tabular}" in tex
+
+
+def test_figures_grids_and_a_well_formed_local_html(store, tmp_path):
+    out = build(store, tmp_path / "report")
+    for name in ("metric_vs_nfe", "metric_vs_compute", "loss"):
+        path = out / "figures" / f"{name}.png"
+        with Image.open(path) as im:
+            assert im.width > 100 and np.asarray(im.convert("L")).std() > 5
+
+    class Checker(HTMLParser):
+        def __init__(self):
+            super().__init__()
+            self.stack, self.refs = [], []
+
+        def handle_starttag(self, tag, attrs):
+            self.refs += [v for k, v in attrs if k in ("src", "href") and v]
+            if tag not in VOID:
+                self.stack.append(tag)
+
+        def handle_endtag(self, tag):
+            assert self.stack and self.stack.pop() == tag, f"unbalanced </{tag}>"
+
+    checker = Checker()
+    checker.feed((out / "report.html").read_text())
+    assert checker.stack == []
+    assert checker.refs, "the report shows figures"
+    for ref in checker.refs:
+        target = (out / ref).resolve()
+        assert "://" not in ref and target.is_relative_to(out.resolve()) and target.exists(), ref
+    assert any("grids/" in r and r.endswith("steps_1.png") for r in checker.refs)
+
+
+def test_empty_and_unreachable_stores_are_clear_errors(tmp_path, monkeypatch):
+    with pytest.raises(UserError, match="no runs found"):
+        build(f"sqlite:///{tmp_path}/empty.db", tmp_path / "r")
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "3")
+    with pytest.raises(UserError, match="127.0.0.1:9"):
+        build("http://127.0.0.1:9", tmp_path / "r")
+
+
+def test_an_unlogged_metric_names_what_was_logged(store, tmp_path):
+    with pytest.raises(
+        UserError, match=r"metric 'fid' was not logged by these runs; logged: fd/train"
+    ):
+        build(store, tmp_path / "r", "metric=fid")
+
+
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+
+
+@pytest.mark.skipif(
+    CHROMIUM is None, reason="no headless Chromium installed (.ci/run installs Debian's chromium)"
+)
+def test_the_html_report_renders_in_a_real_headless_browser(store, tmp_path):
+    out = build(store, tmp_path / "report")
+    shot = tmp_path / "shot.png"
+    proc = subprocess.run(
+        [
+            CHROMIUM,
+            "--headless",
+            "--no-sandbox",
+            "--disable-gpu",
+            "--disable-quic",
+            "--no-first-run",
+            "--disable-background-networking",
+            "--disable-component-update",
+            "--disable-sync",
+            f"--user-data-dir={tmp_path / 'profile'}",
+            "--hide-scrollbars",
+            "--window-size=1200,1800",
+            f"--screenshot={shot}",
+            (out / "report.html").resolve().as_uri(),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, "HOME": str(tmp_path)},
+    )
+    assert shot.exists(), proc.stderr[-2000:]
+    pixels = np.asarray(Image.open(shot).convert("L"), dtype=float)
+    assert pixels.shape == (1800, 1200)
+    top, figures = pixels[:400], pixels[400:1400]
+    assert (top < 128).mean() > 0.01, "the title and table render as dark text"
+    assert figures.std() > 20, "the figures render below the table"
