@@ -17,7 +17,7 @@ ROW_KEYS = ("data", "size", "method")
 
 
 def lower_is_better(metric: str) -> bool:
-    return not metric.split("/")[0] in HIGHER_IS_BETTER
+    return metric.split("/")[0] not in HIGHER_IS_BETTER
 
 
 @dataclass
