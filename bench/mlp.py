@@ -44,7 +44,7 @@ class VelocityMLP(nn.Module):
         n = x.shape[0]
         if y is None:
             y = torch.full((n,), self.num_classes, dtype=torch.long, device=x.device)
-        h = self.x_in(x.reshape(n, -1))
+        h = self.x_in(x.flatten(1))
         h = h + self.t_embed(t.expand(n)) + self.d_embed(step_level(d.expand(n))) + self.y_embed(y)
         return self.out(self.body(h)).view(x.shape)
 

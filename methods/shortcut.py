@@ -142,7 +142,9 @@ class Shortcut(Method):
         xt_sc = interpolate(x0[:m], x1[:m], t_sc)
         target_net = nets.ema if self.target_weights == "ema" else nets.online
         y_sc = None if y is None else y[:m]  # bootstrap rows always see the real label
-        target_sc = self.bootstrap_target(target_net, xt_sc, t_sc, full / 2, y_sc)
+        target_sc = (
+            self.bootstrap_target(target_net, xt_sc, t_sc, full / 2, y_sc) if m else xt_sc.clone()
+        )  # k_ratio = 0: no bootstrap rows, no target forwards
 
         # Flow-matching rows [m, n): the level-7 token, target x1 - x0, label dropout for CFG.
         t_fm = sample_time(n - m, self.fm_time, x1.device)

@@ -1,0 +1,40 @@
+"""Budget accounting: what a run spent, counted in network forward-equivalents.
+
+Training: one forward of one sample is 1; a backward counts as 2 more, so a gradient step on a row
+costs 3. Target, EMA, teacher and JVP forwards without gradient cost 1 per row. Each method states
+its per-sample cost once, in ``Method.cost()``; ``CountingNet`` counts what a method really calls,
+so tests hold the two to each other. Sampling: ``Method.nfe`` (CFG doubling included).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+
+class CountingNet(nn.Module):
+    """Wraps a network and counts evaluated rows, split by whether autograd records them."""
+
+    def __init__(self, net: nn.Module):
+        super().__init__()
+        self.net = net
+        self.num_classes = getattr(net, "num_classes", 0)
+        self.grad_rows = 0
+        self.nograd_rows = 0
+
+    def forward(self, x: Tensor, t: Tensor, d: Tensor, y: Tensor | None = None) -> Tensor:
+        if torch.is_grad_enabled():
+            self.grad_rows += x.shape[0]
+        else:
+            self.nograd_rows += x.shape[0]
+        return self.net(x, t, d, y)
+
+    def forward_equivalents(self) -> int:
+        return 3 * self.grad_rows + self.nograd_rows
+
+
+def training_budget(method, steps: int, batch_size: int) -> dict[str, float]:
+    """The figures every run logs under ``budget/``."""
+    samples = steps * batch_size
+    per_sample = method.cost()["forward_equivalents_per_sample"]
+    return {"budget/train_samples": samples, "budget/forward_equivalents": samples * per_sample}
