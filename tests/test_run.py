@@ -129,7 +129,10 @@ def test_a_corrupt_checkpoint_is_one_sentence(compose, mlflow_uri, tmp_path):
 @pytest.mark.parametrize(
     "args,message",
     [
-        (["method=foo"], "unknown method 'foo'; choose one of: flow_matching, shortcut"),
+        (
+            ["method=foo"],
+            "unknown method 'foo'; choose one of: consistency, flow_matching, live_reflow, shortcut",
+        ),
         (["-m", "size=tiny,XXL"], "unknown size 'XXL'; choose one of: B, L, S, XL, mlp, tiny"),
         (
             ["data=mnist"],

@@ -1,0 +1,208 @@
+"""Consistency training and distillation in the DiT-velocity form the shortcut paper used for its
+baselines (Song, Dhariwal, Chen, Sutskever, "Consistency Models", ICML 2023, arXiv 2303.01469;
+iCT: Song & Dhariwal 2023, arXiv 2310.14189; run as baselines by Frans et al., ICLR 2025).
+
+The network ``s(x_t, t, 1)`` is a one-step map written as a velocity: it jumps from ``x_t`` straight
+to ``x1_hat = x_t + (1 - t) s(x_t, t, 1)``. A consistency model has no other step size, so it is
+always conditioned on ``d = 1`` (the shortcut level 0), in training and at every sampling budget.
+
+Consistency training (CT). A step ``d = 2^-k`` follows the curriculum
+``k = min(6, floor(7 step / total_steps))``; ``t`` is a multiple of ``d`` in ``[0, 1 - d]``; one
+noise ``x0`` puts both points on the same path, and the target network (no gradient) finishes the
+jump from the later one:
+
+    x_t = (1 - t) x0 + t x1,   x_{t+d} = (1 - t - d) x0 + (t + d) x1
+    x1_hat = x_{t+d} + (1 - t - d) s_target(x_{t+d}, t + d, 1)
+    s(x_t, t, 1) -> (x1_hat - x_t) / (1 - t)
+
+At ``k = 0`` (``t = 0``, ``x_{t+d} = x1``) the target is ``x1 - x0``; the curriculum then shortens
+``d`` so the targets bootstrap from ever closer points.
+
+Consistency distillation (CD), when a frozen flow-matching teacher is attached (``attach_teacher``):
+the same target, but ``x_{t+d} = x_t + d v_teacher(x_t, t, 1/128)`` is one teacher Euler step with
+``d = 1/128`` fixed (no curriculum; ``t`` on the 128-grid), and ``x1_hat`` comes from the student's
+target network.
+
+Sampling with ``N`` steps costs ``N`` evaluations (CFG doubles them). ``renoise`` (Song et al. 2023,
+Alg. 1): from ``t_i = i / N`` jump to ``x1_hat``, then re-noise to ``t_{i+1}`` with fresh noise,
+``x <- (1 - t_{i+1}) z + t_{i+1} x1_hat``; ``N = 1`` is ``x1 = x0 + s(x0, 0, 1)``. The fresh noise
+comes from a ``torch.Generator`` on ``x0``'s device seeded by ``seed`` and the first values of
+``x0``: the same noise gives the same sample, evaluation batches get different re-noise, and the
+global RNG is untouched.
+
+=================  ===========================  ==========================================
+option             default (source)             official shortcut code (baselines)
+=================  ===========================  ==========================================
+curriculum         k = min(6, floor(7 s / S))   the same (``floor(step / (max_steps / 7))``)
+conditioning d     1, training and sampling     the curriculum level k (CD: level 7) in
+                   (a one-step map)             training; ``log2 N`` when sampling
+target             ``ema`` (official, Song      EMA (``online`` under no_grad: iCT)
+                   et al. 2023)
+loss               ``mse`` (official)           MSE (``pseudo_huber``: iCT, ``c = 0.00054
+                                                sqrt(dim)``, here on the velocity residual)
+sampler            ``renoise`` (Song et al.)    ``euler``: ``x <- x + s(x, t_i) / N``
+clip               None (see below)             4.0 on the CD teacher step ``x_{t+d}``
+label_dropout      0.1 (every method here)      none: real labels in every forward
+=================  ===========================  ==========================================
+
+Why no clip by default: the official code clips ``x_{t+d}`` to ``[-4, 4]`` but not ``x_t``, so a
+data value beyond 4 (latents, 2-D toys; never images in ``[-1, 1]``) becomes a target error
+amplified by ``1 / (1 - t)``, up to 128x. On a 2-D Gaussian with values past -4 the clipped CD loss
+rose over 300 steps in one seed of four; unclipped it fell 40-80x in all six tried.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import math
+
+import torch
+from torch import Tensor, nn
+
+from bench.data import Batch
+from bench.dit import FLOW_MATCHING_LEVEL
+from bench.errors import UserError
+from bench.guidance import drop_labels, guided_velocity
+from methods.base import Method, Nets, Regression, interpolate
+
+CURRICULUM_LEVELS = 7  # CT steps d = 2^-k, k = 0..6
+DISTILL_LEVEL = 7  # CD: d = 1/128, the teacher's flow-matching level
+HUBER_C = 0.00054  # iCT: c = 0.00054 sqrt(dim)
+
+
+def _bcast(s: Tensor, x: Tensor) -> Tensor:
+    return s.view(-1, *([1] * (x.dim() - 1)))
+
+
+class Consistency(Method):
+    def __init__(
+        self,
+        total_steps: int,
+        target: str = "ema",
+        loss: str = "mse",
+        sampler: str = "renoise",
+        clip: float | None = None,
+        label_dropout: float = 0.1,
+        cfg_scale: float = 1.0,
+        seed: int = 0,
+    ):
+        super().__init__()
+        if isinstance(total_steps, bool) or not isinstance(total_steps, int) or total_steps < 1:
+            raise UserError(
+                f"method.total_steps={total_steps!r} must be a positive integer "
+                "(the training steps the curriculum spans, normally ${train.steps})"
+            )
+        for name, value, allowed in [
+            ("target", target, ("ema", "online")),
+            ("loss", loss, ("mse", "pseudo_huber")),
+            ("sampler", sampler, ("renoise", "euler")),
+        ]:
+            if value not in allowed:
+                raise UserError(
+                    f"method.{name}={value!r} is not allowed; choose one of {', '.join(allowed)}"
+                )
+        if clip is not None and not (isinstance(clip, (int, float)) and clip > 0):
+            raise UserError(f"method.clip={clip!r} must be a positive number or null (no clip)")
+        if not (isinstance(label_dropout, (int, float)) and 0.0 <= label_dropout <= 1.0):
+            raise UserError(f"method.label_dropout={label_dropout!r} is outside [0, 1]")
+        self.total_steps, self.target, self.sampler = total_steps, target, sampler
+        self.loss_type, self.clip, self.seed = loss, clip, seed
+        self.label_dropout, self.cfg_scale = label_dropout, cfg_scale
+        self.teacher: nn.Module | None = None  # CD when set (a sub-module, so checkpoints carry it)
+
+    def attach_teacher(self, net: nn.Module) -> None:
+        """Consistency distillation from ``net``: keeps a frozen eval-mode copy as ``teacher``."""
+        assert isinstance(net, nn.Module), f"a teacher must be an nn.Module, got {type(net)}"
+        self.teacher = copy.deepcopy(net).eval().requires_grad_(False)
+
+    def train(self, mode: bool = True) -> Consistency:
+        super().train(mode)
+        if self.teacher is not None:
+            self.teacher.eval()  # frozen, whatever mode the method is put in
+        return self
+
+    # -- training ------------------------------------------------------------------------------
+    def level(self, step: int) -> int:
+        """``k`` of the step ``d = 2^-k`` at optimizer step ``step`` (CD: always 7)."""
+        if self.teacher is not None:
+            return DISTILL_LEVEL
+        return min(CURRICULUM_LEVELS - 1, CURRICULUM_LEVELS * max(step, 0) // self.total_steps)
+
+    def targets(self, nets: Nets, batch: Batch, step: int) -> Regression:
+        x1, n = batch.x1, len(batch)
+        x0 = batch.x0 if batch.x0 is not None else torch.randn_like(x1)
+        k = self.level(step)
+        d = 2.0**-k
+        t = torch.randint(2**k, (n,), device=x1.device).float() * d  # multiples of d in [0, 1-d]
+        one = torch.ones_like(t)
+        # One label per row for the online, target and teacher forwards (null when dropped).
+        y = drop_labels(batch.y, self.label_dropout, nets.online.num_classes)
+        xt = interpolate(x0, x1, t)
+        target_net = nets.ema if self.target == "ema" else nets.online
+        with torch.no_grad():
+            if self.teacher is None:
+                x_next = interpolate(x0, x1, t + d)  # the same noise: the same path
+            else:
+                v = self.teacher(xt, t, torch.full_like(t, FLOW_MATCHING_LEVEL), y)
+                x_next = xt + d * v
+                if self.clip is not None:
+                    x_next = x_next.clamp(-self.clip, self.clip)
+            x1_hat = x_next + _bcast(1 - (t + d), xt) * target_net(x_next, t + d, one, y)
+            target = (x1_hat - xt) / _bcast(1 - t, xt)
+        return Regression(xt=xt, t=t, d=one, y=y, target=target, num_consistency=n)
+
+    def loss(self, nets: Nets, batch: Batch, step: int) -> tuple[Tensor, dict[str, Tensor]]:
+        r = self.targets(nets, batch, step)
+        diff = (nets.online(r.xt, r.t, r.d, r.y) - r.target).flatten(1)
+        if self.loss_type == "mse":
+            per_row = diff.square().mean(1)
+        else:  # iCT's pseudo-Huber on the whole row: sqrt(|a - b|^2 + c^2) - c
+            c = HUBER_C * math.sqrt(diff.shape[1])
+            per_row = (diff.square().sum(1) + c * c).sqrt() - c
+        loss = per_row.mean()
+        k = torch.tensor(float(self.level(step)), device=loss.device)
+        return loss, {"loss/consistency": loss.detach(), "consistency/k": k}
+
+    # -- sampling ------------------------------------------------------------------------------
+    def step_size(self, steps: int) -> float:
+        return 1.0  # a consistency model is a one-step map at every budget
+
+    def renoise_generator(self, x0: Tensor) -> torch.Generator:
+        """A generator on ``x0``'s device seeded by ``seed`` and the first 64 values of ``x0``."""
+        head = x0.detach().flatten()[:64].float().cpu().numpy().tobytes()
+        digest = hashlib.sha256(str(self.seed).encode() + head).digest()
+        return torch.Generator(device=x0.device).manual_seed(
+            int.from_bytes(digest[:8], "little") >> 1
+        )
+
+    @torch.no_grad()
+    def sample(self, net: nn.Module, x0: Tensor, steps: int, y: Tensor | None = None) -> Tensor:
+        steps = self.check_budget(steps)
+        n = x0.shape[0]
+        one = x0.new_ones(n)
+        scale = self.cfg_scale if y is not None and self.guided(steps) else 1.0
+
+        def jump(x: Tensor, t: float) -> Tensor:
+            tt = torch.full((n,), t, device=x0.device)
+            return guided_velocity(net, x, tt, one, y, scale) if y is not None else net(x, tt, one)
+
+        if self.sampler == "euler":  # the official shortcut code's evaluation of every method
+            x = x0
+            for i in range(steps):
+                x = x + jump(x, i / steps) / steps
+            return x
+        gen = self.renoise_generator(x0) if steps > 1 else None
+        x = x0
+        for i in range(steps):
+            t = i / steps
+            x1_hat = x + (1 - t) * jump(x, t)
+            if i + 1 < steps:
+                t_next = (i + 1) / steps
+                z = torch.randn(x0.shape, generator=gen, device=x0.device, dtype=x0.dtype)
+                x = (1 - t_next) * z + t_next * x1_hat
+        return x1_hat
+
+    def cost(self) -> dict[str, float]:
+        # One fwd+bwd on every row, one no-grad target forward, and one teacher forward for CD.
+        return {"forward_equivalents_per_sample": 4.0 + (self.teacher is not None)}

@@ -1,0 +1,158 @@
+"""Live reflow: the single-stage reflow baseline of the shortcut paper (Frans, Hafner, Levine,
+Abbeel, ICLR 2025, arXiv 2410.12557), after reflow (Liu, Gong, Liu, arXiv 2209.03003).
+
+Instead of a second stage on stored pairs, every batch makes its own: a fraction ``reflow_ratio``
+of the rows pairs fresh noise ``z`` with the current model's 8-step Euler sample of it (no gradient,
+EMA weights by default, every step at the flow-matching level ``d = 1/128``, ``t_j = j / 8``):
+
+    x1_hat = Euler_8(z);   x_t = (1 - t) z + t x1_hat,  t ~ U[0, 1);   s(x_t, t, 1) -> x1_hat - z
+
+i.e. the straight line from the noise to its own sample, taught at ``d = 1``. The other rows are
+flow matching at ``d = 1/128``: ``s(x_t, t, 1/128) -> x1 - x0``. Loss: plain MSE over all rows.
+
+Sampling is Euler with ``N`` steps (``N`` evaluations). The network knows two tokens only: ``d = 1``
+(the straightened flow of the live pairs) and ``d = 1/128`` (the curved marginal flow). A budget
+below ``flow_level_from`` (default 128, as the official evaluation) queries ``d = 1`` at every
+step -- the reflowed field is nearly straight, so few Euler steps suffice, and a 1-step sample is
+``z + s(z, 0, 1)``, exactly what the reflow rows train; budgets from ``flow_level_from`` up query
+the flow-matching level. CFG applies only at the flow-matching level (the reflow rows never see the
+null label), doubling those evaluations.
+
+=================  ===========================  ==========================================
+option             default (source)             official shortcut code
+=================  ===========================  ==========================================
+reflow_ratio       0.25 (the shortcut k_ratio)  0.125 (``bootstrap_every = 8``)
+gen_weights        ``ema``                      ``online`` (``call_model``, the live params)
+gen_steps          8 (paper)                    8, each at the flow-matching level
+gen_cfg_scale      1.0 (off)                    the sampling CFG scale baked into the pairs
+                                                when class-conditional
+fm_time            ``uniform`` (U[0, 1))        ``grid128`` for both kinds of row
+flow_level_from    128 (official)               d = 1 below 128 steps, level 7 at 128
+label_dropout      0.1 on flow rows (both)      0.1 on flow rows; reflow rows: real labels
+distinct rows      yes                          reflow rows reuse the first flow rows' noise
+                                                and times and drop the last data rows
+=================  ===========================  ==========================================
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor, nn
+
+from bench.data import Batch
+from bench.dit import FLOW_MATCHING_LEVEL
+from bench.errors import UserError
+from bench.guidance import drop_labels, guided_velocity
+from methods.base import BUDGETS, MAX_STEPS, Method, Nets, Regression, interpolate
+from methods.flow_matching import TIME_SAMPLERS, sample_time
+
+
+class LiveReflow(Method):
+    def __init__(
+        self,
+        reflow_ratio: float = 0.25,
+        gen_weights: str = "ema",
+        gen_steps: int = 8,
+        gen_cfg_scale: float = 1.0,
+        fm_time: str = "uniform",
+        flow_level_from: int = MAX_STEPS,
+        label_dropout: float = 0.1,
+        cfg_scale: float = 1.0,
+    ):
+        super().__init__()
+        if not (isinstance(reflow_ratio, (int, float)) and 0.0 <= reflow_ratio < 1.0):
+            raise UserError(
+                f"method.reflow_ratio={reflow_ratio!r} is outside [0, 1); it is the fraction "
+                "of each batch trained on live reflow pairs"
+            )
+        for name, value, allowed in [
+            ("gen_weights", gen_weights, ("ema", "online")),
+            ("fm_time", fm_time, TIME_SAMPLERS),
+        ]:
+            if value not in allowed:
+                raise UserError(
+                    f"method.{name}={value!r} is not allowed; choose one of {', '.join(allowed)}"
+                )
+        for name, value in [("gen_steps", gen_steps), ("flow_level_from", flow_level_from)]:
+            if isinstance(value, bool) or value not in BUDGETS:
+                raise UserError(
+                    f"method.{name}={value!r} is not allowed; "
+                    f"choose one of {', '.join(map(str, BUDGETS))}"
+                )
+        if not (isinstance(label_dropout, (int, float)) and 0.0 <= label_dropout <= 1.0):
+            raise UserError(f"method.label_dropout={label_dropout!r} is outside [0, 1]")
+        self.reflow_ratio, self.gen_weights = float(reflow_ratio), gen_weights
+        self.gen_steps, self.gen_cfg_scale = int(gen_steps), gen_cfg_scale
+        self.fm_time, self.flow_level_from = fm_time, int(flow_level_from)
+        self.label_dropout, self.cfg_scale = label_dropout, cfg_scale
+
+    # -- training ------------------------------------------------------------------------------
+    def split(self, batch_size: int) -> int:
+        """Number of reflow rows (the first ones); floor keeps at least one flow-matching row."""
+        return int(math.floor(self.reflow_ratio * batch_size))
+
+    @torch.no_grad()
+    def generate(self, net: nn.Module, z: Tensor, y: Tensor | None) -> Tensor:
+        """``gen_steps`` Euler steps from ``z`` at the flow-matching level (guided if asked)."""
+        n, dt = z.shape[0], 1.0 / self.gen_steps
+        d = torch.full((n,), FLOW_MATCHING_LEVEL, device=z.device)
+        x = z
+        for j in range(self.gen_steps):
+            t = torch.full((n,), j * dt, device=z.device)
+            if y is None:
+                v = net(x, t, d)
+            else:
+                v = guided_velocity(net, x, t, d, y, self.gen_cfg_scale)
+            x = x + dt * v
+        return x
+
+    def targets(self, nets: Nets, batch: Batch) -> Regression:
+        """Inputs and regression targets for every row; reflow rows come first."""
+        x1, y, n = batch.x1, batch.y, len(batch)
+        x0 = batch.x0 if batch.x0 is not None else torch.randn_like(x1)
+        m = self.split(n)
+
+        # Reflow rows [0, m): their own noise, the model's sample of it, the straight line between.
+        z, y_r = x0[:m], None if y is None else y[:m]  # real labels, as the pairs were made
+        gen_net = nets.ema if self.gen_weights == "ema" else nets.online
+        x1_hat = self.generate(gen_net, z, y_r) if m else z
+        t_r = sample_time(m, self.fm_time, x1.device)
+        xt_r = interpolate(z, x1_hat, t_r)
+
+        # Flow-matching rows [m, n): the level-7 token, target x1 - x0, label dropout for CFG.
+        t_f = sample_time(n - m, self.fm_time, x1.device)
+        xt_f = interpolate(x0[m:], x1[m:], t_f)
+        y_f = drop_labels(None if y is None else y[m:], self.label_dropout, nets.online.num_classes)
+        return Regression(
+            xt=torch.cat([xt_r, xt_f]),
+            t=torch.cat([t_r, t_f]),
+            d=torch.cat([torch.ones_like(t_r), torch.full_like(t_f, FLOW_MATCHING_LEVEL)]),
+            y=None if y is None else torch.cat([y_r, y_f]),
+            target=torch.cat([x1_hat - z, x1[m:] - x0[m:]]),
+            num_consistency=m,
+        )
+
+    def loss(self, nets: Nets, batch: Batch, step: int) -> tuple[Tensor, dict[str, Tensor]]:
+        r = self.targets(nets, batch)
+        v = nets.online(r.xt, r.t, r.d, r.y)
+        err = (v - r.target).square().flatten(1).mean(1)  # per row
+        m = r.num_consistency
+        logs = {"loss/flow": err[m:].mean().detach()}
+        if m:
+            logs["loss/reflow"] = err[:m].mean().detach()
+        return err.mean(), logs
+
+    # -- sampling ------------------------------------------------------------------------------
+    def step_size(self, steps: int) -> float:
+        return FLOW_MATCHING_LEVEL if steps >= self.flow_level_from else 1.0
+
+    def guided(self, steps: int) -> bool:
+        return self.cfg_scale != 1.0 and self.step_size(steps) == FLOW_MATCHING_LEVEL
+
+    def cost(self) -> dict[str, float]:
+        # One fwd+bwd on every row plus gen_steps no-grad forwards on the reflow rows; baked
+        # guidance (class-conditional data only) doubles those forwards.
+        gen = self.gen_steps * self.reflow_ratio * (2.0 if self.gen_cfg_scale != 1.0 else 1.0)
+        return {"forward_equivalents_per_sample": 3.0 + gen}
