@@ -3,13 +3,15 @@
 A checkpoint is a plain dict of tensors and primitives (state dicts, step, RNG state, a ``meta``
 record of the architecture and the run identity) -- never pickled code. Saving writes a temporary
 file in the same folder and ``os.replace``s it, so a kill during a save leaves the previous
-checkpoint intact.
+checkpoint intact. The temporary file's name carries the host and process id, so the next start
+can delete what a killed save left behind without touching a save still in progress elsewhere.
 """
 
 from __future__ import annotations
 
 import os
 import pickle
+import socket
 import zipfile
 from pathlib import Path
 
@@ -20,11 +22,39 @@ from bench.errors import UserError
 
 def save(path: Path, state: dict) -> None:
     path = Path(path)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp = path.with_name(f".{path.name}.{socket.gethostname()}.{os.getpid()}.tmp")
     torch.save(state, tmp)
     with open(tmp, "rb+") as f:
         os.fsync(f.fileno())
-    os.replace(tmp, path)
+    os.replace(tmp, path)  # atomic: readers see the old checkpoint or the new one, never half
+    dir_fd = os.open(path.parent, os.O_RDONLY)
+    try:  # make the rename itself durable, so a node crash cannot undo it
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process: alive
+        return True
+    return True
+
+
+def remove_stale_temporaries(path: Path) -> list[Path]:
+    """Delete temporary files that killed saves of ``path`` left behind (their process, on this
+    host, is gone); returns what it deleted. They are never read: ``load`` only opens ``path``."""
+    path, host = Path(path), socket.gethostname()
+    removed = []
+    for tmp in path.parent.glob(f".{path.name}.*.tmp"):
+        owner, _, pid = tmp.name[len(path.name) + 2 : -len(".tmp")].rpartition(".")
+        if owner == host and pid.isdigit() and not _alive(int(pid)):
+            tmp.unlink(missing_ok=True)
+            removed.append(tmp)
+    return removed
 
 
 def load(path: Path, expect_meta: dict | None = None) -> dict:
@@ -33,6 +63,11 @@ def load(path: Path, expect_meta: dict | None = None) -> dict:
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except (RuntimeError, EOFError, pickle.UnpicklingError, zipfile.BadZipFile, OSError) as e:
+        if str(e).startswith("Weights only load failed"):  # a class or a function: never run
+            raise UserError(
+                f"checkpoint {path} holds pickled objects other than tensors and plain data; "
+                "refusing to load it (checkpoints load with weights_only=True)"
+            ) from e
         raise UserError(
             f"checkpoint {path} is truncated or corrupt ({str(e).splitlines()[0][:80]}); "
             "delete it to start this run from scratch"

@@ -1,5 +1,8 @@
 """User-facing errors: one sentence naming the bad value and what is allowed."""
 
+EXIT_USER_ERROR = 2  # bad input: fix the command or the files it names
+EXIT_PREEMPTED = 3  # stopped by SIGUSR1/SIGTERM with a checkpoint saved: rerun to resume
+
 
 class UserError(Exception):
     """Bad input from the user (config value, path, checkpoint). ``bench.run`` prints the message

@@ -33,6 +33,10 @@ from bench.metrics import points, quality
 from bench.metrics.feature_net import extract, load_feature_net, weights_hash
 from bench.metrics.frechet import Stats, frechet_distance
 
+#: Bumped whenever a metric's definition changes: stored results of another version are
+#: recomputed on the next run instead of being reported beside new ones.
+METRICS_VERSION = 2
+
 
 @dataclass
 class BudgetResult:
@@ -72,6 +76,7 @@ class Evaluator:
         self.data, self.n, self.seed, self.batch_size = data, num_samples, seed, batch_size
         self.device, self.conditional = device, conditional
         self.x0, self.y = fixed_noise(data, num_samples, seed, conditional)
+        self.fid = None
         if data.kind == "points":
             self.reference = data.test_x
             # Floor: real training points (a different draw from the reference) at the same count.
@@ -94,7 +99,6 @@ class Evaluator:
             k.replace("steps_floor", "floor"): v
             for k, v in self._image_metrics(data.test_x[: self.floor_count], "steps_floor").items()
         }
-        self.fid = None
         if fid:
             self._setup_fid(inception_dir, cache_dir, fid_extractor)
 

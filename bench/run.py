@@ -8,6 +8,8 @@ no method registry and the loop never branches on the method.
 A job's identity (``bench.identity``) names its run directory and its MLflow run, so running the
 same command again resumes training from the last checkpoint, continues the same MLflow run, and
 re-evaluates only the budgets that are missing. Bad input is one sentence on stderr and exit 2.
+SIGUSR1/SIGTERM end the current training step (or evaluation budget), save what a rerun needs,
+mark the MLflow run KILLED and exit 3 (docs/FAILURES.md lists every failure and its handling).
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import json
 import logging
 import os
 import sys
+import time
 from pathlib import Path
 
 import hydra
@@ -23,14 +26,14 @@ import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
-from bench.errors import UserError
-from bench.evaluate import Evaluator, interpolation_grid, save_grid, save_samples
+from bench.budget import training_budget
+from bench.errors import EXIT_PREEMPTED, EXIT_USER_ERROR, UserError
+from bench.evaluate import METRICS_VERSION, Evaluator, interpolation_grid, save_grid, save_samples
 from bench.identity import identity_config, identity_hash, run_dir, short_name
-from bench.train import DivergenceError, Trainer
+from bench.train import DivergenceError, Preempted, Preemption, Trainer
 
 log = logging.getLogger("bench.run")
 CONFIG_DIR = Path(__file__).resolve().parents[1] / "sweeps"
-GROUPS = ("method", "size", "data", "train", "eval", "experiment")
 STATE = "state.json"
 
 
@@ -39,8 +42,21 @@ def choices(group: str) -> list[str]:
     return sorted(p.stem for p in (CONFIG_DIR / group).glob("*.yaml"))
 
 
+def group_options(groups: set[str]) -> dict[str, list[str]]:
+    """The options Hydra itself finds for each config group: ours in ``sweeps/`` and Hydra's
+    (``hydra/launcher``, ``hydra/sweeper``, ... with those of installed plugins such as submitit
+    and optuna); ``[]`` for a key that is not a group (``train.steps``)."""
+    from hydra import initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+
+    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
+        loader = GlobalHydra.instance().config_loader()
+        return {g: loader.get_group_options(g) for g in groups}
+
+
 def check_choices(argv: list[str]) -> None:
-    """An unknown group option (``method=foo``, also inside a sweep list) is one clear sentence."""
+    """An unknown group option (``method=foo``, ``hydra/launcher=foo``, also inside a sweep list)
+    is one clear sentence naming the options Hydra would accept."""
     from hydra.core.override_parser.overrides_parser import OverridesParser
 
     overrides = [a for a in argv if "=" in a and not a.startswith("-")]
@@ -48,12 +64,13 @@ def check_choices(argv: list[str]) -> None:
         parsed = OverridesParser.create().parse_overrides(overrides)
     except Exception as e:  # Hydra's own grammar error is already one line
         raise UserError(f"cannot parse the command-line overrides: {str(e).splitlines()[0]}") from e
+    parsed = [o for o in parsed if not o.is_delete()]
+    options = group_options({o.key_or_group for o in parsed}) if parsed else {}
     for o in parsed:
-        group = o.key_or_group
-        if group not in GROUPS or o.is_delete():
+        group, known = o.key_or_group, options[o.key_or_group]
+        if not known:
             continue
         values = list(o.sweep_string_iterator()) if o.is_sweep_override() else [o.value()]
-        known = choices(group)
         for v in values:
             if isinstance(v, str) and v not in known:
                 raise UserError(f"unknown {group} {v!r}; choose one of: {', '.join(known)}")
@@ -124,7 +141,7 @@ def write_state(path: Path, state: dict) -> None:
 def eval_key(cfg: DictConfig) -> str:
     """Which evaluation protocol produced stored metrics (re-evaluate when it changes)."""
     e = cfg.eval
-    return f"n{e.num_samples}-seed{e.seed}-{e.weights}"
+    return f"v{METRICS_VERSION}-n{e.num_samples}-seed{e.seed}-{e.weights}"
 
 
 def print_table(
@@ -155,9 +172,19 @@ def print_table(
     )
 
 
+def record_preemption(e: Preempted, tracker, state_path: Path, state: dict) -> None:
+    """A preempted job is KILLED in MLflow -- neither FINISHED nor left looking RUNNING -- and
+    ``preempted`` in state.json; the next start resumes it and sets the MLflow run RUNNING again."""
+    tracker.set_tags({"preempted": f"{e.signal_name} at step {e.step}"})
+    tracker.finish("KILLED")
+    write_state(state_path, {**state, "status": "preempted", "preempted": str(e)})
+
+
 # -- the job ---------------------------------------------------------------------------------------
-def job(cfg: DictConfig) -> float | None:
-    from bench.track import Tracker, flatten, standard_tags
+def job(cfg: DictConfig, preemption: Preemption | None = None) -> float | None:
+    """One job. ``preemption`` (installed by ``main``) carries stop signals to the training loop
+    and the evaluation loop; without it a signal has its default effect."""
+    from bench.track import Tracker, flatten, redact, standard_tags
 
     torch.use_deterministic_algorithms(True, warn_only=True)
     device = pick_device(cfg.device)
@@ -193,13 +220,18 @@ def job(cfg: DictConfig) -> float | None:
             "run the same command without eval_only first"
         )
 
-    rd.mkdir(parents=True, exist_ok=True)
+    # The tracking store is reached before the run directory exists: a wrong URI leaves nothing.
     tracker = Tracker(
         cfg.tracking.uri, cfg.tracking.experiment, state.get("mlflow_run_id"), rd.name
     )
+    rd.mkdir(parents=True, exist_ok=True)
     state.update(mlflow_run_id=tracker.run_id, status="running", identity=identity)
+    state.pop("preempted", None)
     write_state(state_path, state)
-    OmegaConf.save(cfg, rd / "config.yaml", resolve=True)
+    # The resolved config, secrets redacted (it is logged as an artifact).
+    OmegaConf.save(
+        OmegaConf.create(redact(OmegaConf.to_container(cfg, resolve=True))), rd / "config.yaml"
+    )
     tracker.log_params(flatten(identity_config(cfg)))
     tracker.set_tags(
         {**standard_tags(cfg, identity, net.name, device), "run_dir": str(rd.resolve())}
@@ -214,7 +246,9 @@ def job(cfg: DictConfig) -> float | None:
         "num_classes": int(net.num_classes),
         "method": short_name(cfg.method._target_),
     }
-    trainer = Trainer(net, method, data, cfg.train, rd, device, conditional, meta, tracker)
+    trainer = Trainer(
+        net, method, data, cfg.train, rd, device, conditional, meta, tracker, preemption
+    )
     if trainer.resume():
         print(f"resuming {rd} from step {trainer.step} of {cfg.train.steps}", flush=True)
     if trainer.step >= cfg.train.steps:
@@ -222,6 +256,7 @@ def job(cfg: DictConfig) -> float | None:
             f"{rd.name}: training already finished ({trainer.step} steps); not retraining",
             flush=True,
         )
+    tick = time.perf_counter()
     try:
         trainer.fit()
     except DivergenceError as e:
@@ -231,7 +266,18 @@ def job(cfg: DictConfig) -> float | None:
         raise UserError(
             f"{e}; the run is marked FAILED and its last good checkpoint is kept in {rd}"
         ) from e
+    except Preempted as e:
+        state["train_wall_s"] = state.get("train_wall_s", 0.0) + (time.perf_counter() - tick)
+        record_preemption(e, tracker, state_path, state)
+        raise
     tracker.set_tags({"train.steps_done": str(trainer.step)})
+    # Training budget (DESIGN.md "Budget accounting"): samples seen, network forward-equivalents
+    # (a backward counts as two forwards; the method states its per-sample cost), wall time
+    # summed over every invocation that trained.
+    state["train_wall_s"] = state.get("train_wall_s", 0.0) + (time.perf_counter() - tick)
+    write_state(state_path, state)
+    budget = training_budget(method, trainer.step, cfg.train.batch_size)
+    tracker.log_metrics({**budget, "budget/train_wall_s": state["train_wall_s"]})
 
     eval_net = trainer.ema.net if cfg.eval.weights == "ema" else trainer.net
     protocol = evaluator.protocol()
@@ -251,6 +297,14 @@ def job(cfg: DictConfig) -> float | None:
         if str(steps) in done:
             results[steps] = done[str(steps)]
             continue
+        if preemption is not None and preemption.requested:  # between budgets: each one is saved
+            e = Preempted(
+                preemption.signal_name,
+                trainer.step,
+                f"evaluated budgets {sorted(map(int, done))} are saved",
+            )
+            record_preemption(e, tracker, state_path, state)
+            raise e
         r = evaluator.evaluate(method, eval_net, steps)
         tracker.log_metrics(r.metrics)
         if cfg.eval.grids and (
@@ -290,10 +344,14 @@ def job(cfg: DictConfig) -> float | None:
 @hydra.main(config_path="../sweeps", config_name="config", version_base="1.3")
 def main(cfg: DictConfig) -> float | None:
     try:
-        return job(cfg)
+        with Preemption() as preemption:  # this process's main thread; restored after the job
+            return job(cfg, preemption)
     except UserError as e:
         print(f"error: {e}", file=sys.stderr, flush=True)
-        sys.exit(2)
+        sys.exit(EXIT_USER_ERROR)
+    except Preempted as e:
+        print(str(e), file=sys.stderr, flush=True)
+        sys.exit(EXIT_PREEMPTED)
 
 
 def cli() -> None:
@@ -301,7 +359,7 @@ def cli() -> None:
         check_choices(sys.argv[1:])
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+        sys.exit(EXIT_USER_ERROR)
     main()
 
 

@@ -5,30 +5,123 @@ tags, because they may change when a finished run is re-evaluated and MLflow par
 Uses ``MlflowClient`` with explicit run ids (no global active-run state), so a resumed job keeps
 logging into the run it started. The default store needs no server; any ``MLFLOW_TRACKING_URI``
 (sqlite, a ``mlflow server``) works unchanged.
+
+The first contact with the store (``first_contact``) is where the failure modes live: a fresh
+sqlite file is created and migrated under an exclusive file lock (parallel jobs that first touch
+it otherwise race on the migrations, ENVIRONMENT.md), and a store that cannot be reached is one
+sentence within seconds instead of minutes of HTTP retries. Config keys that name a secret
+(password, secret, token, key, ...) are logged as ``***``.
 """
 
 from __future__ import annotations
 
+import fcntl
 import os
+import re
 import socket
 import subprocess
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from bench.errors import UserError
 
 MAX_PARAM_LEN = 500  # MLflow's limit on a param value
+SECRET_WORDS = frozenset({"password", "passwd", "secret", "secrets", "credential", "credentials"})
+SECRET_LAST_WORDS = frozenset({"key", "apikey", "token"})  # api_key, hf_token; not key_dim
+REDACTED = "***"
+# The first request to a server: 2 quick retries and a 10 s timeout instead of MLflow's defaults
+# (7 retries with exponential back-off, 120 s timeout: minutes before a typo is reported).
+FIRST_CONTACT_ENV = {
+    "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2",
+    "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
+    "MLFLOW_HTTP_REQUEST_TIMEOUT": "10",
+}
+
+
+def is_secret(key: str) -> bool:
+    """Whether a config key names a secret, by whole words in snake or camel case: ``api_key``,
+    ``hf_token``, ``dbPassword``, ``client_secret_file`` are; ``monkey``, ``num_tokens``,
+    ``key_dim``, ``k_ratio`` are not ("key" and "token" count only as the last word)."""
+    words = re.split(r"[^0-9a-z]+", re.sub(r"([a-z0-9])([A-Z])", r"\1_\2", key).lower())
+    return not SECRET_WORDS.isdisjoint(words) or words[-1] in SECRET_LAST_WORDS
+
+
+def redact(d: dict) -> dict:
+    """``d`` with the value of every secret-named key (a whole sub-tree too) replaced by ``***``."""
+    return {
+        k: REDACTED if is_secret(str(k)) else (redact(v) if isinstance(v, dict) else v)
+        for k, v in d.items()
+    }
 
 
 def flatten(d: dict, prefix: str = "") -> dict[str, str]:
+    """Nested config -> ``{"a.b": "value"}`` MLflow params, secrets redacted."""
     out: dict[str, str] = {}
-    for k, v in d.items():
+    for k, v in redact(d).items():
         key = f"{prefix}{k}"
         if isinstance(v, dict):
             out.update(flatten(v, key + "."))
         else:
             out[key] = str(v)[:MAX_PARAM_LEN]
     return out
+
+
+def sqlite_path(uri: str) -> Path | None:
+    """The database file of a ``sqlite:///`` URI (None for servers and in-memory databases)."""
+    if not uri.startswith("sqlite:"):
+        return None
+    from sqlalchemy.engine import make_url
+
+    db = make_url(uri).database
+    return Path(db) if db and db != ":memory:" else None
+
+
+@contextmanager
+def _env(values: dict[str, str]) -> Iterator[None]:
+    saved = {k: os.environ.get(k) for k in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+@contextmanager
+def first_contact(uri: str) -> Iterator[None]:
+    """Wrap the first requests to the store at ``uri``: fast-failing for servers, under an
+    exclusive lock (``<db>.lock``) for sqlite so only one process at a time creates or migrates
+    the file, and any failure becomes one sentence naming the URI."""
+    db = sqlite_path(uri)
+    if db is not None and not db.resolve().parent.is_dir():
+        raise UserError(
+            f"MLflow tracking URI {uri} cannot be reached: the folder {db.resolve().parent} does "
+            "not exist; create it or fix tracking.uri / MLFLOW_TRACKING_URI"
+        )
+    try:
+        with (
+            _env(FIRST_CONTACT_ENV),
+            open(db.with_name(db.name + ".lock") if db is not None else os.devnull, "a") as lock,
+        ):
+            if db is not None:
+                fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
+            yield
+    except UserError:
+        raise
+    except Exception as e:
+        text = str(e).strip() or type(e).__name__
+        # The OS's words when there are some ("[Errno 111] Connection refused"), not urllib3's.
+        errno = re.search(r"\[Errno -?\d+\] [^\"')]+", text)
+        reason = errno.group(0) if errno else text.splitlines()[0][:200]
+        raise UserError(
+            f"MLflow tracking URI {uri} cannot be reached or used ({reason}); start the server "
+            "or fix tracking.uri / MLFLOW_TRACKING_URI"
+        ) from e
 
 
 def git_commit() -> str:
@@ -58,19 +151,29 @@ class Tracker:
 
         if uri:
             mlflow.set_tracking_uri(uri)
-        self.client = MlflowClient()
         self.uri = mlflow.get_tracking_uri()
-        exp_id = self._experiment_id(experiment)
         self.resumed = False
-        if run_id is not None:
-            try:
-                self.client.get_run(run_id)
+        with first_contact(self.uri):
+            self.client = MlflowClient()
+            exp_id = self._experiment_id(experiment)
+            if run_id is not None and self._exists(run_id):
                 self.client.update_run(run_id, status="RUNNING")
                 self.run_id, self.resumed = run_id, True
                 return
-            except Exception:  # the store was wiped or moved: start a fresh run
-                pass
-        self.run_id = self.client.create_run(exp_id, run_name=run_name).info.run_id
+            self.run_id = self.client.create_run(exp_id, run_name=run_name).info.run_id
+
+    def _exists(self, run_id: str) -> bool:
+        """Whether the store still holds ``run_id`` (it was wiped or moved if not). Any other
+        error propagates: a flaky server must not make a resumed job start a duplicate run."""
+        from mlflow.exceptions import MlflowException
+
+        try:
+            self.client.get_run(run_id)
+            return True
+        except MlflowException as e:
+            if e.error_code == "RESOURCE_DOES_NOT_EXIST":
+                return False
+            raise
 
     def _experiment_id(self, name: str) -> str:
         # Two jobs of one sweep may create the experiment at the same moment: retry the lookup.

@@ -7,12 +7,16 @@ Every step reseeds the global RNG from ``(seed, step)`` and draws its batch from
 the same key, so a resumed run is bitwise the run that was never interrupted (CPU, same threads).
 Losses are summed on the device and read back once per logging interval (no per-step sync);
 a non-finite mean stops the run before anything is saved over the last good checkpoint.
+A stop signal (SIGUSR1, SIGTERM; see ``Preemption``) ends the current step, saves a checkpoint and
+raises ``Preempted``, so the next start resumes where it stopped.
 """
 
 from __future__ import annotations
 
 import logging
 import math
+import signal
+import threading
 import time
 from pathlib import Path
 
@@ -40,6 +44,52 @@ class DivergenceError(RuntimeError):
         self.step, self.value = step, value
 
 
+class Preempted(RuntimeError):
+    """A stop signal arrived; what the next start needs to resume is saved."""
+
+    def __init__(self, signal_name: str, step: int, saved: str):
+        super().__init__(
+            f"preempted by {signal_name} at step {step}; {saved}; "
+            "run the same command again to resume"
+        )
+        self.signal_name, self.step = signal_name, step
+
+
+class Preemption:
+    """``with Preemption() as p:`` turns SIGUSR1 and SIGTERM (what SLURM and most schedulers send
+    before they kill a job) into a request to stop. The handler only records the signal -- no I/O
+    inside a handler; the trainer checks ``p.requested`` after each optimizer step. Handlers are
+    installed only in the main thread (Python allows no other) and restored on exit."""
+
+    SIGNALS = tuple(getattr(signal, n) for n in ("SIGUSR1", "SIGTERM") if hasattr(signal, n))
+
+    def __init__(self, signals: tuple[int, ...] = SIGNALS):
+        self.signals = signals
+        self.signum: int | None = None
+        self._previous: dict[int, object] = {}
+
+    def _handle(self, signum, frame) -> None:
+        self.signum = signum
+
+    @property
+    def requested(self) -> bool:
+        return self.signum is not None
+
+    @property
+    def signal_name(self) -> str:
+        return signal.Signals(self.signum).name if self.signum is not None else "none"
+
+    def __enter__(self) -> Preemption:
+        if threading.current_thread() is threading.main_thread():
+            self._previous = {s: signal.signal(s, self._handle) for s in self.signals}
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for s, previous in self._previous.items():  # None: installed outside Python
+            signal.signal(s, signal.SIG_DFL if previous is None else previous)
+        self._previous = {}
+
+
 def step_seed(seed: int, step: int) -> int:
     return (seed * 1_000_003 + step * 7_919) % 2**63
 
@@ -58,6 +108,7 @@ class Trainer:
         conditional: bool,
         meta: dict,
         tracker=None,
+        preemption: Preemption | None = None,
     ):
         self.net, self.method, self.data, self.cfg = net, method, data, cfg
         self.run_dir, self.device, self.conditional, self.meta = (
@@ -66,7 +117,7 @@ class Trainer:
             conditional,
             meta,
         )
-        self.tracker = tracker
+        self.tracker, self.preemption = tracker, preemption
         if method.stages != 1:  # multi-stage methods (PD rounds, reflow) need the stage loop
             raise NotImplementedError(
                 f"{type(method).__name__} has {method.stages} stages; the trainer runs one"
@@ -105,6 +156,7 @@ class Trainer:
 
     def resume(self) -> bool:
         """Load the last checkpoint if there is one; returns whether it did."""
+        checkpoint.remove_stale_temporaries(self.checkpoint_path)
         if not self.checkpoint_path.exists():
             return False
         state = checkpoint.load(self.checkpoint_path, self.meta)
@@ -159,8 +211,10 @@ class Trainer:
             self.step += 1
             count += 1
             bar.update(1)
-            log_now = self.step % cfg.log_every == 0 or self.step == end
-            save_now = self.step % cfg.ckpt_every == 0 or self.step == end
+            # A stop signal makes this step a logging and checkpoint boundary (after the NaN check).
+            stop = self.preemption is not None and self.preemption.requested
+            log_now = self.step % cfg.log_every == 0 or self.step == end or stop
+            save_now = self.step % cfg.ckpt_every == 0 or self.step == end or stop
             if log_now or save_now:
                 means = {k: float(v) / count for k, v in sums.items()}  # the one sync per interval
                 if not all(math.isfinite(v) for v in means.values()):
@@ -180,4 +234,11 @@ class Trainer:
                 self.save()
             if log_now:
                 tick = time.perf_counter()  # after the save: img/s counts training only
+            if stop:
+                bar.close()
+                raise Preempted(
+                    self.preemption.signal_name,
+                    self.step,
+                    f"checkpoint saved to {self.checkpoint_path}",
+                )
         bar.close()

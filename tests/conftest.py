@@ -12,8 +12,9 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG_DIR = ROOT / "sweeps"
 
-# Tests are CPU-only and small: keep them from fighting over the two cores.
-torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+# Tests are CPU-only with tiny batches, where a second thread buys little and oversubscription
+# (subprocess jobs, a parallel run) costs a lot: one thread in the test process.
+torch.set_num_threads(1)
 
 
 @pytest.fixture

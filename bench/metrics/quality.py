@@ -29,7 +29,11 @@ def _t(x) -> Tensor:
 def kid(gen, ref, subsets: int = 20, subset_size: int = 500, seed: int = 0) -> tuple[float, float]:
     """(mean, std) of the unbiased cubic-kernel MMD^2 over random subsets, z-scored by ``ref``."""
     g, r = _t(gen), _t(ref)
-    mu, sd = r.mean(0), r.std(0).clamp_min(1e-8)
+    # Feature dimensions that are constant on the reference (dead ReLUs) carry no information and
+    # would blow up under z-scoring (a sample's tiny activation / ~0 std, then cubed): drop them.
+    keep = r.std(0) > 1e-6
+    g, r = g[:, keep], r[:, keep]
+    mu, sd = r.mean(0), r.std(0)
     g, r = (g - mu) / sd, (r - mu) / sd
     # At most half of either set per subset, so both sides vary and the spread is honest.
     m = min(subset_size, len(g) // 2, len(r) // 2)
