@@ -37,4 +37,5 @@ def training_budget(method, steps: int, batch_size: int) -> dict[str, float]:
     """The figures every run logs under ``budget/``."""
     samples = steps * batch_size
     per_sample = method.cost()["forward_equivalents_per_sample"]
-    return {"budget/train_samples": samples, "budget/forward_equivalents": samples * per_sample}
+    total = samples * per_sample + method.one_off_cost()  # + pair generation and the like
+    return {"budget/train_samples": samples, "budget/forward_equivalents": total}

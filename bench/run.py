@@ -14,6 +14,7 @@ mark the MLflow run KILLED and exit 3 (docs/FAILURES.md lists every failure and 
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import os
@@ -104,11 +105,19 @@ def make(node: DictConfig, **kwargs):
         raise
 
 
+def make_method(cfg: DictConfig):
+    """The method from ``cfg.method``; ``method.teacher`` names a teacher run (bench.teacher),
+    not a constructor argument."""
+    node = OmegaConf.to_container(cfg.method, resolve=True)
+    node.pop("teacher", None)
+    return make(OmegaConf.create(node))
+
+
 def build(cfg: DictConfig):
     """Data, network and method from the config (no training); the initial weights depend on
     ``cfg.seed`` only."""
     torch.manual_seed(cfg.seed)
-    method = make(cfg.method)
+    method = make_method(cfg)
     for steps in cfg.eval.budgets:  # fail before any training, not after it
         method.check_budget(steps)
     data = make(cfg.data)
@@ -180,6 +189,27 @@ def record_preemption(e: Preempted, tracker, state_path: Path, state: dict) -> N
     write_state(state_path, {**state, "status": "preempted", "preempted": str(e)})
 
 
+def resolve_teacher(cfg: DictConfig, method, net):
+    """Attach the teacher the method's config names (trained first when no finished run with its
+    identity exists), or explain why a teacher is required or refused."""
+    from bench import teacher as teachers
+
+    spec = cfg.method.get("teacher")
+    name = type(method).__name__
+    if spec and method.needs_teacher == "no":
+        raise UserError(
+            f"method.teacher is set, but {name} learns without a teacher; remove method.teacher"
+        )
+    if not spec and method.needs_teacher == "required":
+        raise UserError(
+            f"{name} needs a teacher: set method.teacher.method (e.g. flow_matching) or method.teacher.checkpoint"
+        )
+    found = teachers.resolve(cfg, net, lambda: copy.deepcopy(net), job)
+    if found is not None:
+        method.attach_teacher(found.net.to(next(net.parameters()).device))
+    return found
+
+
 # -- the job ---------------------------------------------------------------------------------------
 def job(cfg: DictConfig, preemption: Preemption | None = None) -> float | None:
     """One job. ``preemption`` (installed by ``main``) carries stop signals to the training loop
@@ -246,6 +276,9 @@ def job(cfg: DictConfig, preemption: Preemption | None = None) -> float | None:
         "num_classes": int(net.num_classes),
         "method": short_name(cfg.method._target_),
     }
+    teacher = resolve_teacher(cfg, method, net)
+    if teacher is not None:
+        tracker.set_tags({"teacher_run_id": teacher.run_id, "teacher_source": teacher.source})
     trainer = Trainer(
         net, method, data, cfg.train, rd, device, conditional, meta, tracker, preemption
     )
@@ -277,6 +310,11 @@ def job(cfg: DictConfig, preemption: Preemption | None = None) -> float | None:
     state["train_wall_s"] = state.get("train_wall_s", 0.0) + (time.perf_counter() - tick)
     write_state(state_path, state)
     budget = training_budget(method, trainer.step, cfg.train.batch_size)
+    if teacher is not None:  # the teacher's own training is part of what this result cost
+        budget["budget/teacher_forward_equivalents"] = teacher.forward_equivalents
+        budget["budget/forward_equivalents"] += teacher.forward_equivalents
+    state["budget"] = budget
+    write_state(state_path, state)
     tracker.log_metrics({**budget, "budget/train_wall_s": state["train_wall_s"]})
 
     eval_net = trainer.ema.net if cfg.eval.weights == "ema" else trainer.net

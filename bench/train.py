@@ -28,7 +28,7 @@ from bench import checkpoint
 from bench.data import Dataset
 from bench.ema import EMA
 from bench.errors import UserError
-from methods.base import Method, Nets
+from methods.base import Method, Nets, StageContext
 
 log = logging.getLogger(__name__)
 CHECKPOINT = "checkpoint.pt"
@@ -118,10 +118,12 @@ class Trainer:
             meta,
         )
         self.tracker, self.preemption = tracker, preemption
-        if method.stages != 1:  # multi-stage methods (PD rounds, reflow) need the stage loop
-            raise NotImplementedError(
-                f"{type(method).__name__} has {method.stages} stages; the trainer runs one"
+        starts = method.stage_starts(cfg.steps)
+        if len(starts) != method.stages or starts[0] != 0 or starts != sorted(starts):
+            raise ValueError(
+                f"{type(method).__name__}.stage_starts gave {starts} for {method.stages} stages"
             )
+        self.stage_starts = starts
         self.opt = torch.optim.AdamW(
             net.parameters(),
             lr=cfg.lr,
@@ -129,8 +131,22 @@ class Trainer:
             weight_decay=cfg.weight_decay,
             fused=device.type == "cuda",
         )
-        self.ema = EMA(net, cfg.ema_rate, cfg.ema_warmup)
+        rate = cfg.ema_rate if method.ema_rate is None else method.ema_rate
+        self.ema = EMA(net, rate, cfg.ema_warmup and method.ema_rate is None)
         self.step = 0
+
+    def stage_of(self, step: int) -> int:
+        return max(i for i, start in enumerate(self.stage_starts) if start <= step)
+
+    def context(self) -> StageContext:
+        return StageContext(
+            self.run_dir,
+            self.data,
+            self.device,
+            self.conditional,
+            self.cfg.seed,
+            reset_optimizer=lambda: self.opt.state.clear(),
+        )
 
     @property
     def nets(self) -> Nets:
@@ -180,7 +196,7 @@ class Trainer:
             )
         if self.step >= end:
             return
-        self.method.begin_stage(0, self.nets)
+        stage = None
         net.train()
         sums: dict[str, torch.Tensor] = {}
         count, tick = 0, time.perf_counter()
@@ -193,6 +209,15 @@ class Trainer:
             mininterval=2.0,
         )
         while self.step < end:
+            if self.stage_of(self.step) != stage:  # a stage starts, or the run resumes inside it
+                stage = self.stage_of(self.step)
+                fresh = self.step == self.stage_starts[stage]
+                self.method.begin_stage(stage, self.nets, self.context(), fresh)
+                if self.tracker is not None:
+                    self.tracker.log_metrics({"train/stage": stage}, step=self.step)
+            factor = self.method.lr_factor(self.step, cfg.steps)
+            for group in self.opt.param_groups:
+                group["lr"] = cfg.lr * factor
             torch.manual_seed(step_seed(cfg.seed, self.step))
             self.opt.zero_grad(set_to_none=True)
             for micro in range(accum):  # accum = 1: one batch of batch_size per step

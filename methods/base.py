@@ -11,7 +11,9 @@ Time convention for the whole project (METHODS.md): ``t = 0`` is noise ``x0 ~ N(
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from torch import Tensor, nn
@@ -23,6 +25,18 @@ from bench.guidance import guided_velocity
 
 MAX_STEPS = 128
 BUDGETS = tuple(2**k for k in range(8))  # 1, 2, 4, ..., 128
+
+
+@dataclass
+class StageContext:
+    """What a stage transition may need besides the networks."""
+
+    run_dir: Path
+    data: object  # bench.data.Dataset
+    device: torch.device
+    conditional: bool
+    seed: int
+    reset_optimizer: Callable[[], None]  # the method asks; the trainer owns the optimizer
 
 
 @dataclass
@@ -50,6 +64,21 @@ def interpolate(x0: Tensor, x1: Tensor, t: Tensor) -> Tensor:
     """``x_t = (1 - t) x0 + t x1`` with ``t`` of shape (N,) broadcast over the sample dims."""
     t = t.view(-1, *([1] * (x0.dim() - 1)))
     return (1 - t) * x0 + t * x1
+
+
+def two_step_average(
+    velocity, xt: Tensor, t: Tensor, d: Tensor, clip: float | None = None
+) -> Tensor:
+    """The velocity of one step of size ``2d`` built from two of size ``d`` (shortcut bootstrap,
+    progressive-distillation target): ``(v(x_t, t) + v(x_t + d v(x_t, t), t + d)) / 2``, with the
+    midpoint and the result clipped to ``[-clip, clip]`` when ``clip`` is set."""
+    dd = d.view(-1, *([1] * (xt.dim() - 1)))
+    v1 = velocity(xt, t)
+    x_mid = xt + dd * v1
+    if clip is not None:
+        x_mid = x_mid.clamp(-clip, clip)
+    target = (v1 + velocity(x_mid, t + d)) / 2
+    return target.clamp(-clip, clip) if clip is not None else target
 
 
 def check_budget(steps: int, allowed=BUDGETS, method: str = "this method") -> int:
@@ -110,8 +139,29 @@ class Method(nn.Module):
         """Network forward-equivalents per training sample (a backward counts as two forwards)."""
         return {"forward_equivalents_per_sample": 3.0}
 
-    def begin_stage(self, stage: int, nets: Nets) -> None:
-        """Called before stage ``stage`` (0-based) starts or resumes."""
+    #: whether the method trains from a frozen teacher network (``attach_teacher``): "no",
+    #: "optional" (consistency: CT without, CD with) or "required" (progressive distillation)
+    needs_teacher: str = "no"
+    #: an EMA rate the method imposes (0 = the EMA follows the online weights: "no EMA")
+    ema_rate: float | None = None
+
+    def stage_starts(self, total_steps: int) -> list[int]:
+        """The first optimizer step of each of the ``stages`` stages (stage 0 starts at 0; a
+        stage may be empty, e.g. reflow's stage 0 when a teacher is given)."""
+        return [0]
+
+    def begin_stage(self, stage: int, nets: Nets, ctx: StageContext, fresh: bool) -> None:
+        """Called when stage ``stage`` (0-based) starts (``fresh``) or a run resumes inside it.
+        Work that changes the networks happens only when ``fresh``; state that is not in the
+        method's ``state_dict`` (files such as reflow pairs) is reloaded either way."""
+
+    def lr_factor(self, step: int, total_steps: int) -> float:
+        """Multiplier of the base learning rate at ``step`` (1 = constant, the default)."""
+        return 1.0
+
+    def one_off_cost(self) -> float:
+        """Forward-equivalents spent outside the per-step loss (pair generation, ...)."""
+        return 0.0
 
     def after_step(self, nets: Nets, step: int) -> None:
         """Called after every optimizer step (target updates, curricula)."""

@@ -76,6 +76,8 @@ def _bcast(s: Tensor, x: Tensor) -> Tensor:
 
 
 class Consistency(Method):
+    needs_teacher = "optional"  # CT without one, CD with one (method.teacher in the config)
+
     def __init__(
         self,
         total_steps: int,

@@ -44,7 +44,7 @@ from bench.data import Batch
 from bench.dit import FLOW_MATCHING_LEVEL
 from bench.errors import UserError
 from bench.guidance import drop_labels
-from methods.base import MAX_STEPS, Method, Nets, Regression, interpolate
+from methods.base import MAX_STEPS, Method, Nets, Regression, interpolate, two_step_average
 from methods.flow_matching import sample_time
 
 NUM_LEVELS = 7  # bootstrap full steps 2d = 2^-k, k = 0..6; level 7 is flow matching
@@ -120,14 +120,7 @@ class Shortcut(Method):
                 v[fine] = vu + self.bake_cfg_scale * (v[fine] - vu)
             return v
 
-        shape = (-1,) + (1,) * (xt.dim() - 1)
-        v1 = velocity(xt, t)
-        x_mid = xt + d.view(shape) * v1
-        if self.clip is not None:
-            x_mid = x_mid.clamp(-self.clip, self.clip)
-        v2 = velocity(x_mid, t + d)
-        target = (v1 + v2) / 2
-        return target.clamp(-self.clip, self.clip) if self.clip is not None else target
+        return two_step_average(velocity, xt, t, d, self.clip)
 
     def targets(self, nets: Nets, batch: Batch) -> Regression:
         """Inputs and regression targets for every row; self-consistency rows come first."""

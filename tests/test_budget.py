@@ -8,6 +8,7 @@ from bench.data import Batch
 from bench.mlp import VelocityMLP
 from methods.base import Nets
 from methods.flow_matching import FlowMatching
+from methods.reflow import Reflow
 from methods.shortcut import Shortcut
 
 
@@ -29,6 +30,7 @@ def measured(method, batch_size=700, y=None):
         Shortcut(k_ratio=0.25),
         Shortcut(k_ratio=0.5, target_weights="online"),
         Shortcut(k_ratio=0.0),
+        Reflow(),
     ],
 )
 def test_stated_cost_equals_counted_calls(method):

@@ -6,7 +6,7 @@ from hydra.utils import instantiate
 
 from bench import checkpoint
 from bench.errors import UserError
-from bench.run import build
+from bench.run import build, make_method
 from bench.train import DivergenceError, Trainer
 
 FAST = ["train.batch_size=16", "train.log_every=2", "train.ckpt_every=4", "train.progress=false"]
@@ -98,7 +98,7 @@ def test_every_config_option_composes_and_builds(compose):
             cfg = compose(override)
             assert cfg[group if group != "experiment" else "method"] is not None
     for option in choices("method"):
-        instantiate(compose(f"method={option}").method)
+        make_method(compose(f"method={option}"))
     for option in ("tiny", "S"):
         cfg = compose(f"size={option}")
         net = instantiate(cfg.size, input_shape=(1, 16, 16), num_classes=0)

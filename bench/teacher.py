@@ -1,0 +1,116 @@
+"""Teachers are shared runs, never retrained by accident.
+
+A method that learns from a teacher (consistency distillation, reflow from an existing model,
+progressive distillation) names it in its config::
+
+    method:
+      teacher:
+        method: flow_matching        # a file in sweeps/method/
+        train: {steps: 2000}         # optional overrides of the student's train recipe
+        # checkpoint: /path/to/checkpoint.pt   (instead: an existing fewstep-bench checkpoint)
+
+The teacher's config is the student's with ``method`` (and ``train`` overrides) replaced, so it
+has the same data, size and seed -- and a run identity of its own. ``resolve`` takes a file lock
+next to that run directory, trains the teacher through the ordinary job (its own MLflow run) only
+when no finished run with that identity exists, and returns its EMA weights. Two jobs of one sweep
+needing the same teacher therefore train it once: the second waits on the lock, then loads it.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from omegaconf import DictConfig, OmegaConf
+from torch import nn
+
+from bench import checkpoint
+from bench.errors import UserError
+from bench.identity import run_dir
+
+CONFIG_DIR = Path(__file__).resolve().parents[1] / "sweeps"
+
+
+@dataclass
+class Teacher:
+    net: nn.Module  # the teacher's EMA weights, frozen, in eval mode
+    run_id: str  # its MLflow run ("" for a bare checkpoint)
+    forward_equivalents: float  # what training it cost (0 when unknown)
+    source: str  # its run directory or checkpoint path
+
+
+def teacher_config(cfg: DictConfig) -> DictConfig | None:
+    spec = cfg.method.get("teacher")
+    if not spec or spec.get("checkpoint"):
+        return None
+    path = CONFIG_DIR / "method" / f"{spec.method}.yaml"
+    if not path.exists():
+        known = ", ".join(sorted(p.stem for p in path.parent.glob("*.yaml")))
+        raise UserError(f"unknown teacher method {spec.method!r}; choose one of: {known}")
+    tcfg = OmegaConf.create(OmegaConf.to_container(cfg, resolve=True))
+    tcfg.method = OmegaConf.load(path)
+    if spec.get("train"):
+        tcfg.train = OmegaConf.merge(tcfg.train, spec.train)
+    tcfg.eval_only = False
+    tcfg.objective = None
+    return tcfg
+
+
+def _load(path: Path, student: nn.Module, build: Callable[[], nn.Module]) -> nn.Module:
+    state = checkpoint.load(path)
+    meta = state["meta"]
+    want = {
+        "model": student.name,
+        "input_shape": list(student.input_shape),
+        "num_classes": int(student.num_classes),
+    }
+    for key, value in want.items():
+        if meta.get(key) != value:
+            raise UserError(
+                f"teacher checkpoint {path} has {key}={meta.get(key)!r}, but the student has "
+                f"{key}={value!r}; a teacher must share the student's data and model size"
+            )
+    net = build()
+    ema = {k.removeprefix("net."): v for k, v in state["ema"].items() if k.startswith("net.")}
+    net.load_state_dict(ema)
+    return net.eval().requires_grad_(False)
+
+
+def resolve(
+    cfg: DictConfig,
+    student: nn.Module,
+    build: Callable[[], nn.Module],
+    train_job: Callable[[DictConfig], object],
+) -> Teacher | None:
+    """The teacher named by ``cfg.method.teacher`` (None when there is none)."""
+    spec = cfg.method.get("teacher")
+    if not spec:
+        return None
+    if spec.get("checkpoint"):
+        path = Path(spec.checkpoint).expanduser()
+        if not path.is_file():
+            raise UserError(f"teacher checkpoint {str(path)!r} does not exist")
+        return Teacher(_load(path, student, build), "", 0.0, str(path))
+    tcfg = teacher_config(cfg)
+    rd = run_dir(tcfg)
+    locks = rd.parent / ".locks"
+    locks.mkdir(parents=True, exist_ok=True)
+    with open(locks / f"{rd.name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # one trainer per teacher; the others wait, then load
+        state_path = rd / "state.json"
+        state = json.loads(state_path.read_text()) if state_path.exists() else {}
+        if state.get("status") != "finished":
+            print(
+                f"training the teacher {rd.name} first (no finished run with its identity)",
+                flush=True,
+            )
+            train_job(tcfg)
+            state = json.loads(state_path.read_text())
+        else:
+            print(f"reusing the finished teacher {rd.name}", flush=True)
+        net = _load(rd / "checkpoint.pt", student, build)
+    cost = float(state.get("budget", {}).get("budget/forward_equivalents", 0.0))
+    return Teacher(net, state.get("mlflow_run_id", ""), cost, str(rd))
