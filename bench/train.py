@@ -134,6 +134,7 @@ class Trainer:
         rate = cfg.ema_rate if method.ema_rate is None else method.ema_rate
         self.ema = EMA(net, rate, cfg.ema_warmup and method.ema_rate is None)
         self.step = 0
+        method.bind(self.context())
 
     def stage_of(self, step: int) -> int:
         return max(i for i, start in enumerate(self.stage_starts) if start <= step)

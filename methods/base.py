@@ -155,6 +155,9 @@ class Method(nn.Module):
         Work that changes the networks happens only when ``fresh``; state that is not in the
         method's ``state_dict`` (files such as reflow pairs) is reloaded either way."""
 
+    def bind(self, ctx: StageContext) -> None:
+        """Called once when the trainer is built (methods that keep files in the run directory)."""
+
     def lr_factor(self, step: int, total_steps: int) -> float:
         """Multiplier of the base learning rate at ``step`` (1 = constant, the default)."""
         return 1.0

@@ -1,0 +1,133 @@
+"""Progressive distillation (Salimans & Ho, "Progressive Distillation for Fast Sampling of
+Diffusion Models", ICLR 2022, arXiv 2202.00512), in the shortcut paper's DiT-velocity form.
+
+A flow-matching teacher samples in ``M = 128`` Euler steps. Round ``r = 0..6`` trains a student
+for ``N_r = 128 / 2^(r+1)`` steps (64, 32, ..., 1): one student step of size ``D = 1/N_r`` from a
+grid time ``t = i D`` must equal two teacher steps of size ``D/2`` (no gradient):
+
+    v1 = T(x_t, t, D/2);  x' = x_t + (D/2) v1;  v2 = T(x', t + D/2, D/2);  s(x_t, t, D) -> (v1 + v2)/2
+
+The student starts as the teacher; after each round it becomes the next round's teacher. Round 0's
+teacher is the flow-matching model at ``d = 1/128``. The network's ``d`` input carries the round's
+step size, as it does for shortcut models.
+
+Recipe (Salimans & Ho; METHODS.md): fixed steps per round (``train.steps / 7``), the learning rate
+annealed linearly to zero inside each round, a fresh optimizer state per round, no EMA (the EMA
+follows the online weights), gradient clipping 1 (``train.grad_clip=1``, set by experiments).
+
+Budgets: each round's student serves only its own step count. At the start of round ``r`` the
+round ``r-1`` student is saved to ``<run dir>/pd_round_<N>.pt``; sampling with ``N`` steps uses
+that file (``N = 128``: the teacher; the last round's ``N``: the final weights). A budget whose
+round has not been trained is a clear error.
+"""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+
+from bench.data import Batch
+from bench.errors import UserError
+from methods.base import MAX_STEPS, Method, Nets, StageContext, interpolate, two_step_average
+
+ROUNDS = 7  # 128 -> 64 -> ... -> 1
+
+
+def round_steps(r: int) -> int:
+    """The student's step count in round ``r``: 64, 32, ..., 1."""
+    return MAX_STEPS // 2 ** (r + 1)
+
+
+class ProgressiveDistillation(Method):
+    stages = ROUNDS
+    needs_teacher = "required"
+    ema_rate = 0.0  # no EMA (Salimans & Ho): the "EMA" net follows the online weights
+
+    def __init__(self):
+        super().__init__()
+        self.teacher: nn.Module | None = None  # the flow-matching model (round 0's teacher)
+        self.round_teacher: nn.Module | None = None  # this round's teacher (in checkpoints)
+        self.round = 0
+        self.run_dir: Path | None = None
+        self._students: dict[int, nn.Module] = {}
+
+    def attach_teacher(self, net: nn.Module) -> None:
+        self.teacher = copy.deepcopy(net).eval().requires_grad_(False)
+        self.round_teacher = copy.deepcopy(self.teacher)
+
+    def bind(self, ctx: StageContext) -> None:
+        self.run_dir = Path(ctx.run_dir)
+
+    def stage_starts(self, total_steps: int) -> list[int]:
+        if total_steps < ROUNDS:
+            raise UserError(
+                f"train.steps={total_steps} is too few for {ROUNDS} distillation rounds"
+            )
+        return [r * total_steps // ROUNDS for r in range(ROUNDS)]
+
+    def lr_factor(self, step: int, total_steps: int) -> float:
+        starts = self.stage_starts(total_steps) + [total_steps]
+        r = max(i for i in range(ROUNDS) if starts[i] <= step)
+        return 1.0 - (step - starts[r]) / (starts[r + 1] - starts[r])
+
+    def student_path(self, steps: int) -> Path:
+        return self.run_dir / f"pd_round_{steps}.pt"
+
+    def begin_stage(self, stage: int, nets: Nets, ctx: StageContext, fresh: bool) -> None:
+        self.round = stage
+        if not fresh:
+            return  # the round's teacher and the student are in the checkpoint
+        if stage == 0:
+            nets.online.load_state_dict(
+                self.teacher.state_dict()
+            )  # the student starts as the teacher
+        else:  # the last round's student serves its own budget and teaches this round
+            torch.save(nets.online.state_dict(), self.student_path(round_steps(stage - 1)))
+        self.round_teacher.load_state_dict(nets.online.state_dict())
+        nets.ema.load_state_dict(nets.online.state_dict())
+        ctx.reset_optimizer()
+
+    def loss(self, nets: Nets, batch: Batch, step: int) -> tuple[Tensor, dict[str, Tensor]]:
+        x1, y, n = batch.x1, batch.y, len(batch)
+        x0 = batch.x0 if batch.x0 is not None else torch.randn_like(x1)
+        steps = round_steps(self.round)
+        D = 1.0 / steps
+        t = torch.randint(steps, (n,), device=x1.device).float() * D
+        xt = interpolate(x0, x1, t)
+        half = torch.full_like(t, D / 2)
+        with torch.no_grad():
+            target = two_step_average(lambda x, tt: self.round_teacher(x, tt, half, y), xt, t, half)
+        v = nets.online(xt, t, torch.full_like(t, D), y)
+        loss = (v - target).square().mean()
+        return loss, {"loss/distill": loss.detach()}
+
+    def cost(self) -> dict[str, float]:
+        return {"forward_equivalents_per_sample": 3.0 + 2.0}  # + two teacher forwards
+
+    def step_size(self, steps: int) -> float:
+        return 1.0 / steps
+
+    def student(self, steps: int, net: nn.Module) -> nn.Module:
+        """The network that serves ``steps``: the teacher at 128, a saved round otherwise."""
+        if steps == MAX_STEPS and self.teacher is not None:
+            return self.teacher
+        if steps not in self._students:
+            path = None if self.run_dir is None else self.student_path(steps)
+            if path is None or not path.exists():
+                if steps == round_steps(ROUNDS - 1):
+                    return net  # the last round's student is the run's own final weights
+                raise UserError(
+                    f"no progressive-distillation student for {steps} steps in {self.run_dir} (its round has not been trained)"
+                )
+            student = copy.deepcopy(net)
+            student.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
+            self._students[steps] = student.eval()
+        return self._students[steps]
+
+    @torch.no_grad()
+    def sample(self, net: nn.Module, x0: Tensor, steps: int, y: Tensor | None = None) -> Tensor:
+        steps = self.check_budget(steps)
+        return super().sample(self.student(steps, net), x0, steps, y)
