@@ -60,6 +60,18 @@ class Regression:
     num_consistency: int = 0  # leading rows with bootstrap targets (shortcut models)
 
 
+def regression_loss(net: nn.Module, r: Regression, lead: str) -> tuple[Tensor, dict[str, Tensor]]:
+    """Plain MSE of ``net(xt, t, d, y)`` against ``r.target`` over all rows, logged per part: the
+    leading ``r.num_consistency`` rows as ``loss/<lead>``, the rest as ``loss/flow``."""
+    v = net(r.xt, r.t, r.d, r.y)
+    err = (v - r.target).square().flatten(1).mean(1)  # per row
+    m = r.num_consistency
+    logs = {"loss/flow": err[m:].mean().detach()}
+    if m:
+        logs[f"loss/{lead}"] = err[:m].mean().detach()
+    return err.mean(), logs
+
+
 def interpolate(x0: Tensor, x1: Tensor, t: Tensor) -> Tensor:
     """``x_t = (1 - t) x0 + t x1`` with ``t`` of shape (N,) broadcast over the sample dims."""
     t = t.view(-1, *([1] * (x0.dim() - 1)))

@@ -45,7 +45,7 @@ from bench.data import Batch
 from bench.dit import FLOW_MATCHING_LEVEL
 from bench.errors import UserError
 from bench.guidance import drop_labels, guided_velocity
-from methods.base import BUDGETS, MAX_STEPS, Method, Nets, Regression, interpolate
+from methods.base import BUDGETS, MAX_STEPS, Method, Nets, Regression, interpolate, regression_loss
 from methods.flow_matching import TIME_SAMPLERS, sample_time
 
 
@@ -135,14 +135,7 @@ class LiveReflow(Method):
         )
 
     def loss(self, nets: Nets, batch: Batch, step: int) -> tuple[Tensor, dict[str, Tensor]]:
-        r = self.targets(nets, batch)
-        v = nets.online(r.xt, r.t, r.d, r.y)
-        err = (v - r.target).square().flatten(1).mean(1)  # per row
-        m = r.num_consistency
-        logs = {"loss/flow": err[m:].mean().detach()}
-        if m:
-            logs["loss/reflow"] = err[:m].mean().detach()
-        return err.mean(), logs
+        return regression_loss(nets.online, self.targets(nets, batch), "reflow")
 
     # -- sampling ------------------------------------------------------------------------------
     def step_size(self, steps: int) -> float:

@@ -44,7 +44,15 @@ from bench.data import Batch
 from bench.dit import FLOW_MATCHING_LEVEL
 from bench.errors import UserError
 from bench.guidance import drop_labels
-from methods.base import MAX_STEPS, Method, Nets, Regression, interpolate, two_step_average
+from methods.base import (
+    MAX_STEPS,
+    Method,
+    Nets,
+    Regression,
+    interpolate,
+    regression_loss,
+    two_step_average,
+)
 from methods.flow_matching import sample_time
 
 NUM_LEVELS = 7  # bootstrap full steps 2d = 2^-k, k = 0..6; level 7 is flow matching
@@ -155,14 +163,7 @@ class Shortcut(Method):
         )
 
     def loss(self, nets: Nets, batch: Batch, step: int) -> tuple[Tensor, dict[str, Tensor]]:
-        r = self.targets(nets, batch)
-        v = nets.online(r.xt, r.t, r.d, r.y)
-        err = (v - r.target).square().flatten(1).mean(1)  # per row
-        m = r.num_consistency
-        logs = {"loss/flow": err[m:].mean().detach()}
-        if m:
-            logs["loss/consistency"] = err[:m].mean().detach()
-        return err.mean(), logs
+        return regression_loss(nets.online, self.targets(nets, batch), "consistency")
 
     # -- sampling ------------------------------------------------------------------------------
     def step_size(self, steps: int) -> float:
