@@ -12,12 +12,14 @@ stage-1 weights and trains the same loss on those fixed pairs:
 The coupling is deterministic, so its flow is straighter and few-step Euler samples improve.
 Sampling: Euler with ``N`` steps at the flow-matching level, ``N`` evaluations (CFG doubles).
 
-Pairs are written in shards to ``<run dir>/reflow_pairs/`` as they are made: a job killed during
+With ``rounds = k > 1`` the procedure repeats: round ``j`` trains on pairs made by round ``j-1``'s
+EMA weights (Liu et al.'s k-rectified flow); the steps after stage 1 are shared equally.
+Pairs are written in shards to ``<run dir>/reflow_pairs/round_<stage>/`` as they are made: a job killed during
 generation resumes after the last complete shard, and a resumed stage 2 reloads them. Their cost,
 ``num_pairs * gen_steps`` forwards (doubled with CFG), is counted in the run's budget
 (``one_off_cost``), and so is the teacher's training when a teacher is used. The optimizer state and
-the EMA restart at stage 2 (a new model initialised from stage 1). Further reflow rounds and the
-final one-step distillation of the paper are not built.
+the EMA restart at stage 2 (a new model initialised from stage 1). The final one-step distillation of
+the reflow paper is not built.
 """
 
 from __future__ import annotations
@@ -51,6 +53,7 @@ class Reflow(Method):
         label_dropout: float = 0.1,
         cfg_scale: float = 1.0,
         gen_batch_size: int = 512,
+        rounds: int = 1,
     ):
         super().__init__()
         if not 0.0 < stage1_fraction < 1.0:
@@ -72,6 +75,12 @@ class Reflow(Method):
             cfg_scale,
         )
         self.gen_batch_size = gen_batch_size
+        if rounds < 1:
+            raise UserError(
+                f"method.rounds={rounds!r} must be at least 1 (reflow stages after stage 1)"
+            )
+        self.rounds = rounds
+        self.stages = 1 + rounds  # stage 1 (flow matching), then `rounds` reflow stages
         self.teacher: nn.Module | None = None
         self.pairs: tuple[Tensor, Tensor, Tensor | None] | None = None  # not in the state dict
 
@@ -79,13 +88,19 @@ class Reflow(Method):
         self.teacher = copy.deepcopy(net).eval().requires_grad_(False)
 
     def stage_starts(self, total_steps: int) -> list[int]:
-        return [0, 0 if self.teacher is not None else round(self.stage1_fraction * total_steps)]
+        first = 0 if self.teacher is not None else round(self.stage1_fraction * total_steps)
+        per = (total_steps - first) / self.rounds  # the reflow rounds share the rest equally
+        return [0] + [first + round(k * per) for k in range(self.rounds)]
+
+    @staticmethod
+    def folder(run_dir: Path, stage: int) -> Path:
+        return Path(run_dir) / "reflow_pairs" / f"round_{stage}"
 
     # -- between the stages --------------------------------------------------------------------
     @torch.no_grad()
-    def generate(self, source: nn.Module, ctx: StageContext) -> None:
-        """Make (or finish making) the pairs with ``source``; shards already on disk are kept."""
-        folder = Path(ctx.run_dir) / "reflow_pairs"
+    def generate(self, source: nn.Module, ctx: StageContext, stage: int = 1) -> None:
+        """Make (or finish making) stage ``stage``'s pairs with ``source``; shards on disk are kept."""
+        folder = self.folder(ctx.run_dir, stage)
         folder.mkdir(parents=True, exist_ok=True)
         data, shape = ctx.data, tuple(ctx.data.shape)
         conditional = ctx.conditional and data.num_classes > 0
@@ -95,7 +110,7 @@ class Reflow(Method):
             if path.exists():
                 continue
             n = min(SHARD, self.num_pairs - start)
-            g = torch.Generator().manual_seed(ctx.seed * 1_000_003 + 7_777 + i)
+            g = torch.Generator().manual_seed(ctx.seed * 1_000_003 + 7_777 * stage + i)
             x0 = torch.randn((n, *shape), generator=g)
             y = torch.randint(data.num_classes, (n,), generator=g) if conditional else None
             x1 = torch.cat(
@@ -124,13 +139,13 @@ class Reflow(Method):
             x = x + dt * v
         return x.float().cpu()
 
-    def load_pairs(self, run_dir: Path, device) -> None:
-        shards = sorted((Path(run_dir) / "reflow_pairs").glob("shard_*.pt"))
+    def load_pairs(self, run_dir: Path, device, stage: int = 1) -> None:
+        shards = sorted(self.folder(run_dir, stage).glob("shard_*.pt"))
         parts = [torch.load(p, map_location="cpu", weights_only=True) for p in shards]
         x0 = torch.cat([p["x0"] for p in parts])
         if len(x0) != self.num_pairs:
             raise UserError(
-                f"{run_dir}/reflow_pairs holds {len(x0)} pairs, expected {self.num_pairs}; delete the folder to regenerate"
+                f"{self.folder(run_dir, stage)} holds {len(x0)} pairs, expected {self.num_pairs}; delete the folder to regenerate"
             )
         y = None if parts[0]["y"] is None else torch.cat([p["y"] for p in parts]).to(device)
         self.pairs = (x0.to(device), torch.cat([p["x1"] for p in parts]).to(device), y)
@@ -138,13 +153,14 @@ class Reflow(Method):
     def begin_stage(self, stage: int, nets: Nets, ctx: StageContext, fresh: bool) -> None:
         if stage == 0:
             return
-        source = self.teacher if self.teacher is not None else nets.ema
-        if fresh:  # stage 2 = a new model initialised from stage 1, trained on the stage-1 pairs
-            self.generate(source, ctx)
+        # Round 1's pairs come from the teacher (or stage 1's EMA); round k's from round k-1's EMA.
+        source = self.teacher if self.teacher is not None and stage == 1 else nets.ema
+        if fresh:  # a new model initialised from the previous stage, trained on its pairs
+            self.generate(source, ctx, stage)
             nets.online.load_state_dict(source.state_dict())
             nets.ema.load_state_dict(source.state_dict())
             ctx.reset_optimizer()
-        self.load_pairs(ctx.run_dir, ctx.device)
+        self.load_pairs(ctx.run_dir, ctx.device, stage)
 
     # -- training ------------------------------------------------------------------------------
     def loss(self, nets: Nets, batch: Batch, step: int) -> tuple[Tensor, dict[str, Tensor]]:
@@ -163,4 +179,5 @@ class Reflow(Method):
         return loss, {"loss/reflow" if self.pairs is not None else "loss/flow": loss.detach()}
 
     def one_off_cost(self) -> float:
-        return float(self.num_pairs * self.gen_steps * (2 if self.cfg_scale != 1.0 else 1))
+        per_round = self.num_pairs * self.gen_steps * (2 if self.cfg_scale != 1.0 else 1)
+        return float(per_round * self.rounds)

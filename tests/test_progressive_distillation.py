@@ -80,3 +80,44 @@ def test_pd_without_a_teacher_is_one_sentence(compose, tmp_path, mlflow_uri):
                 "eval=smoke",
             )
         )
+
+
+def test_resume_inside_a_round_matches_an_uninterrupted_run(compose, tmp_path):
+    from bench.run import build
+    from bench.train import Trainer
+
+    cfg = compose(
+        "method=progressive_distillation",
+        "train.steps=14",
+        "train.batch_size=8",
+        "train.log_every=1",
+        "train.ckpt_every=1",
+        "train.progress=false",
+    )
+
+    def trainer(run_dir):
+        data, net, method, cond = build(cfg)
+        torch.manual_seed(123)
+        teacher = build(cfg)[1]  # an untrained "teacher": the schedule, not its quality, is tested
+        method.attach_teacher(teacher)
+        run_dir.mkdir(exist_ok=True)
+        return Trainer(
+            net, method, data, cfg.train, run_dir, torch.device("cpu"), cond, {"model": net.name}
+        )
+
+    a = trainer(tmp_path / "a")
+    a.fit()
+    b = trainer(tmp_path / "b")
+    b.fit(stop_at=5)  # round 2 (steps 4-5) half done
+    c = trainer(tmp_path / "b")
+    assert c.resume() and c.step == 5
+    c.fit()
+    for k, v in a.net.state_dict().items():
+        assert torch.equal(v, c.net.state_dict()[k]), k
+    for n in (64, 32, 16, 8, 4, 2):
+        assert torch.equal(
+            *(
+                torch.load(d / f"pd_round_{n}.pt", weights_only=True)["final.linear.weight"]
+                for d in (tmp_path / "a", tmp_path / "b")
+            )
+        )

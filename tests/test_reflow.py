@@ -60,8 +60,21 @@ def test_stage_two_starts_at_the_configured_step_from_the_stage_one_ema(
     assert all(
         torch.equal(seen["ema"][k], seen["online"][k]) for k in seen["ema"]
     )  # init from stage 1
-    pairs = sorted((tmp_path / "reflow_pairs").glob("shard_*.pt"))
+    pairs = sorted((tmp_path / "reflow_pairs" / "round_1").glob("shard_*.pt"))
     assert len(pairs) == 1 and len(torch.load(pairs[0], weights_only=True)["x0"]) == 40
+
+
+def test_further_rounds_make_new_pairs_from_the_previous_round(compose, tmp_path):
+    cfg = compose(*FAST, "method.rounds=2", "train.steps=12")
+    tr = trainer_for(cfg, tmp_path)
+    assert tr.stage_starts == [0, 6, 9]
+    tr.fit()
+    one, two = (
+        torch.load(tmp_path / "reflow_pairs" / f"round_{k}" / "shard_00000.pt", weights_only=True)
+        for k in (1, 2)
+    )
+    assert not torch.equal(one["x0"], two["x0"]) and not torch.equal(one["x1"], two["x1"])
+    assert tr.method.one_off_cost() == 2 * 40 * 4
 
 
 def test_pairs_are_the_stage_one_ode_of_their_noise(tmp_path):
