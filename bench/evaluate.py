@@ -72,11 +72,13 @@ class Evaluator:
         inception_dir: str | None = None,
         cache_dir: str | None = None,
         fid_extractor=None,
+        features: str = "auto",
+        decoder=None,
     ):
         self.data, self.n, self.seed, self.batch_size = data, num_samples, seed, batch_size
         self.device, self.conditional = device, conditional
         self.x0, self.y = fixed_noise(data, num_samples, seed, conditional)
-        self.fid = None
+        self.fid, self.decoder = None, decoder
         if data.kind == "points":
             self.reference = data.test_x
             # Floor: real training points (a different draw from the reference) at the same count.
@@ -84,7 +86,9 @@ class Evaluator:
             real = data.train_x[torch.randperm(len(data.train_x), generator=g)[:num_samples]]
             self.floor = self._point_metrics(real, "floor")
             return
-        self.extractor, self.extractor_name = load_feature_net(data.name, data.shape[0])
+        self.extractor, self.extractor_name = load_feature_net(
+            data.name, data.shape[0], features, data.train_x
+        )
         self.extractor_hash = weights_hash(self.extractor)
         self.train_feats = extract(self.extractor, data.train_x)
         self.train_stats = Stats.of(self.train_feats)
@@ -102,24 +106,35 @@ class Evaluator:
         if fid:
             self._setup_fid(inception_dir, cache_dir, fid_extractor)
 
+    @torch.no_grad()
+    def decode(self, x: Tensor) -> Tensor:
+        """Latents -> images in [-1, 1] with ``eval.decoder`` (pixels pass through)."""
+        if self.decoder is None:
+            return x
+        return self.decoder(x.to(self.device)).float().cpu().clamp(-1, 1)
+
     def _setup_fid(self, inception_dir, cache_dir, extractor) -> None:
         from bench.metrics import clean_fid
 
-        if self.data.kind != "image":
+        if self.data.kind == "points":
+            raise UserError(f"eval.fid=true needs images, but {self.data.name} holds 2-D points")
+        if self.data.kind == "latent" and self.decoder is None:
             raise UserError(
-                f"eval.fid=true needs images, but {self.data.name} holds {self.data.kind}s; "
-                "decoding latents before FID arrives with the latent pipeline"
+                "eval.fid=true on latents needs eval.decoder (a _target_ that maps latents to "
+                "images in [-1, 1], e.g. the VAE decoder the latents came from)"
             )
         name = "custom" if extractor is not None else "inception-v3-clean"
         if extractor is None:
             extractor = clean_fid.inception(inception_dir, self.device)
-        res = f"{self.data.shape[1]}x{self.data.shape[2]}"
+        image = self.decode(self.data.train_x[:1]).shape[1:]
+        res = f"{image[1]}x{image[2]}"
         key = {
             "dataset": self.data.name,
             "split": "train",
             "resolution": res,
             "extractor": name,
             "n": str(len(self.data.train_x)),
+            "decoded": str(self.decoder is not None),
         }
         stats, path = clean_fid.reference_stats(
             self.data.train_x,
@@ -127,6 +142,7 @@ class Evaluator:
             Path(cache_dir or "~/.cache/fewstep-bench"),
             extractor,
             self.device,
+            transform=self.decode if self.decoder is not None else None,
         )
         self.fid = (clean_fid, extractor, stats, name, path)
 
@@ -198,6 +214,7 @@ class Evaluator:
             f"energy/{suffix}": points.energy_distance(x, self.reference),
             f"mmd/{suffix}": points.rbf_mmd2(x, self.reference),
             f"sw2/{suffix}": points.sliced_w2(x, self.reference),
+            f"w2/{suffix}": points.exact_w2(x, self.reference),
         }
 
     @torch.no_grad()
@@ -234,7 +251,10 @@ class Evaluator:
             m.update(self._image_metrics(samples, key))
         if self.fid is not None:
             clean_fid, extractor, stats, _, _ = self.fid
-            m[f"fid/{key}"] = clean_fid.fid(samples, stats, extractor, self.device)
+            transform = self.decode if self.decoder is not None else None
+            m[f"fid/{key}"] = clean_fid.fid(
+                samples, stats, extractor, self.device, transform=transform
+            )
         return BudgetResult(steps, m, samples)
 
 

@@ -147,3 +147,74 @@ def test_clean_fid_code_path_with_a_custom_extractor(tmp_path, digits):
 def test_missing_inception_weights_name_the_file(tmp_path):
     with pytest.raises(UserError, match=rf"place inception-2015-12-05.pt .* in {tmp_path}"):
         clean_fid.inception(tmp_path, torch.device("cpu"))
+
+
+def test_pixel_pca_and_random_cnn_feature_spaces_rank_quality(digits):
+    for features in ("pixel_pca", "random_cnn"):
+        ev = Evaluator(digits, 450, 0, 450, torch.device("cpu"), False, features=features)
+        assert ev.extractor_name == features.replace("_", "-")
+        noise = torch.randn(450, 1, 16, 16, generator=torch.Generator().manual_seed(3)).clamp(-1, 1)
+        blurred = gaussian_blur(digits.test_x, [9, 9], [1.5, 1.5])
+        assert ev.floor["fd/train/floor"] < fd(ev, blurred) < fd(ev, noise)
+        assert "class_kl/k" not in ev._image_metrics(noise, "k")  # no classifier, no labels
+
+
+def test_exact_w2_is_zero_for_identical_sets_and_grows_with_a_shift():
+    x = torch.randn(300, 2, generator=torch.Generator().manual_seed(0))
+    assert points.exact_w2(x, x) == pytest.approx(0.0, abs=1e-9)
+    assert points.exact_w2(x + torch.tensor([1.0, 0.0]), x) == pytest.approx(1.0, abs=1e-6)
+
+
+class Upsampler(torch.nn.Module):
+    """A stand-in VAE decoder: 4x8x8 latents -> 3x16x16 images in [-1, 1]."""
+
+    def forward(self, z):
+        return torch.tanh(F.interpolate(z[:, :3], scale_factor=2, mode="nearest"))
+
+
+def test_fid_on_latents_decodes_both_sides(tmp_path):
+    g = torch.Generator().manual_seed(0)
+    lat = data.Dataset(
+        "lat",
+        torch.randn(120, 4, 8, 8, generator=g),
+        None,
+        torch.randn(20, 4, 8, 8, generator=g),
+        None,
+        kind="latent",
+    )
+    with pytest.raises(UserError, match="needs eval.decoder"):
+        Evaluator(
+            lat,
+            40,
+            0,
+            40,
+            torch.device("cpu"),
+            False,
+            fid=True,
+            cache_dir=tmp_path,
+            fid_extractor=pooled_features,
+        )
+    ev = Evaluator(
+        lat,
+        40,
+        0,
+        40,
+        torch.device("cpu"),
+        False,
+        fid=True,
+        cache_dir=tmp_path,
+        fid_extractor=pooled_features,
+        decoder=Upsampler(),
+    )
+    real = clean_fid.fid(
+        lat.test_x, ev.fid[2], pooled_features, torch.device("cpu"), transform=ev.decode
+    )
+    junk = clean_fid.fid(
+        torch.full((20, 4, 8, 8), 3.0),
+        ev.fid[2],
+        pooled_features,
+        torch.device("cpu"),
+        transform=ev.decode,
+    )
+    assert real < junk
+    assert ev.fid[4].exists()  # the decoded reference statistics are cached

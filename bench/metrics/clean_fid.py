@@ -15,7 +15,9 @@ The papers' protocol for real datasets: FID of ``N`` generated samples (50k for 
   folder, a user cache for built-in data; never site-packages), keyed by dataset, split,
   resolution and extractor;
 * any feature network can stand in for Inception (``extractor=``): the tests use a tiny one
-  through exactly this code path.
+  through exactly this code path;
+* latents are decoded to images batch by batch (``transform=``, the run's ``eval.decoder``) on
+  both sides, so the reference statistics are those of the decoded training latents.
 """
 
 from __future__ import annotations
@@ -83,12 +85,20 @@ def features(images: Iterator[Tensor], n: int, batch_size: int, extractor, devic
     )
 
 
-def batches(x: Tensor, batch_size: int) -> Iterator[Tensor]:
-    return (x[i : i + batch_size] for i in range(0, len(x), batch_size))
+def batches(x: Tensor, batch_size: int, transform=None) -> Iterator[Tensor]:
+    """Batches of ``x``, each passed through ``transform`` (a latent decoder) when given."""
+    for i in range(0, len(x), batch_size):
+        yield x[i : i + batch_size] if transform is None else transform(x[i : i + batch_size])
 
 
 def reference_stats(
-    train_x: Tensor, key: dict[str, str], cache_dir: Path, extractor, device, batch_size: int = 200
+    train_x: Tensor,
+    key: dict[str, str],
+    cache_dir: Path,
+    extractor,
+    device,
+    batch_size: int = 200,
+    transform=None,
 ) -> tuple[Stats, Path]:
     """Training-set statistics, computed once and cached as ``.npz`` under ``cache_dir``."""
     name = "-".join(f"{k}={v}" for k, v in sorted(key.items()))
@@ -97,7 +107,9 @@ def reference_stats(
     if path.exists():
         with np.load(path) as z:
             return Stats(z["mu"], z["sigma"], int(z["n"])), path
-    feats = features(batches(train_x, batch_size), len(train_x), batch_size, extractor, device)
+    feats = features(
+        batches(train_x, batch_size, transform), len(train_x), batch_size, extractor, device
+    )
     stats = Stats.of(feats)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp.npz")
@@ -106,6 +118,10 @@ def reference_stats(
     return stats, path
 
 
-def fid(samples: Tensor, reference: Stats, extractor, device, batch_size: int = 200) -> float:
-    feats = features(batches(samples, batch_size), len(samples), batch_size, extractor, device)
+def fid(
+    samples: Tensor, reference: Stats, extractor, device, batch_size: int = 200, transform=None
+) -> float:
+    feats = features(
+        batches(samples, batch_size, transform), len(samples), batch_size, extractor, device
+    )
     return frechet_distance(Stats.of(feats), reference)

@@ -6,7 +6,8 @@ the dataset itself. The weights for ``digits16`` and ``shapes16`` ship with the 
 (``weights/*.pt``), so every machine measures in the same frozen feature space; each result records
 ``weights_hash`` (sha256 of the parameters). ``python -m bench.metrics.feature_net digits16``
 retrains them deterministically. Datasets without shipped weights get a randomly initialised
-network of the same shape (seed 0), named ``random-cnn`` in every result.
+network of the same shape (seed 0), named ``random-cnn`` in every result, or -- with
+``eval.features=pixel_pca`` -- the top 64 principal components of the training pixels.
 """
 
 from __future__ import annotations
@@ -19,6 +20,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+from bench.errors import UserError
 
 WEIGHTS = Path(__file__).parent / "weights"
 FEATURE_DIM = 64
@@ -89,17 +92,53 @@ def accuracy(net: FeatureNet, x: Tensor, y: Tensor) -> float:
     return float((net(x).argmax(1) == y).float().mean())
 
 
-def load_feature_net(dataset: str, channels: int) -> tuple[FeatureNet, str]:
-    """The frozen extractor for ``dataset`` and its name: ``classifier-<dataset>`` when weights
-    ship, else ``random-cnn``."""
+class PixelPCA(nn.Module):
+    """Features = the top principal components of the training pixels (sklearn PCA, fixed seed):
+    a learned-nothing feature space for unlabeled folders, next to ``random-cnn``."""
+
+    def __init__(self, mean: Tensor, components: Tensor):
+        super().__init__()
+        self.register_buffer("mean", mean)
+        self.register_buffer("components", components)  # (k, D)
+
+    @classmethod
+    def fit(cls, train_x: Tensor, k: int = FEATURE_DIM) -> PixelPCA:
+        from sklearn.decomposition import PCA
+
+        flat = train_x.flatten(1).double().numpy()
+        pca = PCA(n_components=min(k, *flat.shape), svd_solver="full", random_state=0).fit(flat)
+        return cls(torch.from_numpy(pca.mean_).float(), torch.from_numpy(pca.components_).float())
+
+    def features(self, x: Tensor) -> Tensor:
+        return (x.flatten(1) - self.mean) @ self.components.T
+
+
+FEATURES = ("auto", "classifier", "random_cnn", "pixel_pca")
+
+
+def load_feature_net(
+    dataset: str, channels: int, kind: str = "auto", train_x: Tensor | None = None
+):
+    """The frozen extractor and its name. ``auto``: ``classifier-<dataset>`` when weights ship,
+    else ``random-cnn``; ``pixel_pca`` fits PCA on ``train_x``."""
+    if kind not in FEATURES:
+        raise UserError(
+            f"eval.features={kind!r} is not allowed; choose one of {', '.join(FEATURES)}"
+        )
     path = WEIGHTS / f"{dataset}.pt"
-    if path.exists():
+    if kind == "classifier" and not path.exists():
+        shipped = ", ".join(sorted(p.stem for p in WEIGHTS.glob("*.pt")))
+        raise UserError(
+            f"no classifier weights ship for {dataset!r} (only {shipped}); use eval.features=random_cnn or pixel_pca"
+        )
+    if kind in ("auto", "classifier") and path.exists():
         state = torch.load(path, map_location="cpu", weights_only=True)
         net = FeatureNet(channels, state["head.weight"].shape[0])
         net.load_state_dict(state)
         return net.eval().requires_grad_(False), f"classifier-{dataset}"
-    torch.manual_seed(0)
-    with torch.random.fork_rng():
+    if kind == "pixel_pca":
+        return PixelPCA.fit(train_x).eval(), "pixel-pca"
+    with torch.random.fork_rng():  # a fixed random network without touching the global RNG
         torch.manual_seed(0)
         net = FeatureNet(channels, 0)
     return net.eval().requires_grad_(False), "random-cnn"
