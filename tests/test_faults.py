@@ -384,7 +384,8 @@ def test_an_unknown_launcher_lists_the_launchers(tmp_path):
     proc = run_cli("hydra/launcher=foo", f"paths.root={tmp_path}", cwd=tmp_path, env=ONE_THREAD)
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines()[-1] == (
-        "error: unknown hydra/launcher 'foo'; choose one of: basic, submitit_local, submitit_slurm"
+        "error: unknown hydra/launcher 'foo'; choose one of: "
+        "basic, local, slurm, submitit_local, submitit_slurm"
     )
 
 
@@ -393,8 +394,9 @@ def test_hydra_groups_are_checked_like_ours():
         UserError, match="unknown hydra/sweeper 'grid'; choose one of: basic, optuna"
     ):
         check_choices(["-m", "hydra/sweeper=grid"])
-    with pytest.raises(UserError, match="unknown hydra/launcher 'slurm'"):
-        check_choices(["-m", "hydra/launcher=basic,slurm"])
+    with pytest.raises(UserError, match="unknown hydra/launcher 'pbs'"):
+        check_choices(["-m", "hydra/launcher=basic,pbs"])
+    check_choices(["-m", "hydra/launcher=slurm,local"])  # our presets in sweeps/hydra/launcher/
     check_choices(["hydra/launcher=submitit_local", "hydra.run.dir=x", "train.steps=3"])
 
 
