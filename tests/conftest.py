@@ -17,6 +17,18 @@ CONFIG_DIR = ROOT / "sweeps"
 torch.set_num_threads(1)
 
 
+#: Overrides that make a job take seconds: tiny batches, frequent checkpoints, a 16-sample evaluation.
+SMOKE = [
+    "train.batch_size=8",
+    "train.log_every=2",
+    "train.ckpt_every=2",
+    "train.progress=false",
+    "eval=smoke",
+    "eval.num_samples=16",
+    "eval.batch_size=16",
+]
+
+
 @pytest.fixture
 def mlflow_uri(tmp_path, monkeypatch) -> str:
     uri = f"sqlite:///{tmp_path}/mlflow.db"

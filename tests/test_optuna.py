@@ -8,7 +8,7 @@ import math
 import mlflow
 import pytest
 import yaml
-from conftest import run_cli
+from conftest import SMOKE, run_cli
 
 from bench.errors import UserError
 from bench.run import check_objective, objective_name, objective_value
@@ -16,13 +16,7 @@ from bench.run import check_objective, objective_name, objective_value
 ONE_THREAD = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
 TOY = [
     "train.steps=4",
-    "train.batch_size=8",
-    "train.log_every=2",
-    "train.ckpt_every=2",
-    "train.progress=false",
-    "eval=smoke",
-    "eval.num_samples=16",
-    "eval.batch_size=16",
+    *SMOKE,
 ]
 
 

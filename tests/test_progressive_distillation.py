@@ -1,7 +1,7 @@
 """Progressive distillation: the two-teacher-step target, the round schedule, per-round students."""
 
 import torch
-from conftest import Analytic, bcast
+from conftest import SMOKE, Analytic, bcast
 
 from bench.data import Batch
 from bench.errors import UserError
@@ -46,13 +46,7 @@ def test_a_pd_run_distills_every_round_and_serves_each_budget(compose, tmp_path,
         f"paths.root={tmp_path}",
         f"tracking.uri={mlflow_uri}",
         "train.steps=14",
-        "train.batch_size=8",
-        "train.log_every=2",
-        "train.ckpt_every=2",
-        "train.progress=false",
-        "eval=smoke",
-        "eval.num_samples=16",
-        "eval.batch_size=16",
+        *SMOKE,
         "eval.budgets=[1,2,64,128]",
     )
     job(cfg)

@@ -5,6 +5,7 @@ import json
 
 import pytest
 import torch
+from conftest import SMOKE
 
 from bench.data import Batch
 from bench.errors import UserError
@@ -118,13 +119,7 @@ def test_a_shared_teacher_is_trained_once_and_reused(compose, tmp_path, mlflow_u
         f"paths.root={tmp_path}",
         f"tracking.uri={mlflow_uri}",
         "train.steps=4",
-        "train.batch_size=8",
-        "train.log_every=2",
-        "train.ckpt_every=2",
-        "train.progress=false",
-        "eval=smoke",
-        "eval.num_samples=16",
-        "eval.batch_size=16",
+        *SMOKE,
         "+method.teacher.method=flow_matching",
     ]
     job(compose("method=reflow", "method.num_pairs=16", "method.gen_steps=2", *common))

@@ -21,7 +21,7 @@ from pathlib import Path
 import mlflow
 import pytest
 import torch
-from conftest import CONFIG_DIR, ROOT
+from conftest import CONFIG_DIR, ROOT, SMOKE
 
 from bench import checkpoint
 from bench.run import check_choices
@@ -29,13 +29,7 @@ from bench.run import check_choices
 ONE_THREAD = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
 TOY = [
     "train.steps=4",
-    "train.batch_size=8",
-    "train.log_every=2",
-    "train.ckpt_every=2",
-    "train.progress=false",
-    "eval=smoke",
-    "eval.num_samples=16",
-    "eval.batch_size=16",
+    *SMOKE,
 ]
 SWEEP = ["-m", "method=shortcut,flow_matching", "size=tiny"]
 FINAL = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "OUT_OF_MEMORY", "NODE_FAIL", "BOOT_FAIL"}
