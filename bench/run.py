@@ -15,9 +15,7 @@ mark the MLflow run KILLED and exit 3 (docs/FAILURES.md lists every failure and 
 from __future__ import annotations
 
 import copy
-import json
 import logging
-import os
 import sys
 import time
 from pathlib import Path
@@ -31,18 +29,14 @@ from bench.budget import training_budget
 from bench.errors import EXIT_PREEMPTED, EXIT_USER_ERROR, UserError
 from bench.evaluate import METRICS_VERSION, Evaluator, interpolation_grid, save_grid, save_samples
 from bench.identity import identity_config, identity_hash, run_dir, short_name
+from bench.state import STATE, read_state, write_state
 from bench.train import DivergenceError, Preempted, Preemption, Trainer
 
 log = logging.getLogger("bench.run")
 CONFIG_DIR = Path(__file__).resolve().parents[1] / "sweeps"
-STATE = "state.json"
 
 
 # -- input checks that must happen before Hydra composes anything ----------------------------------
-def choices(group: str) -> list[str]:
-    return sorted(p.stem for p in (CONFIG_DIR / group).glob("*.yaml"))
-
-
 def group_options(groups: set[str]) -> dict[str, list[str]]:
     """The options Hydra itself finds for each config group: ours in ``sweeps/`` and Hydra's
     (``hydra/launcher``, ``hydra/sweeper``, ... with those of installed plugins such as submitit
@@ -132,19 +126,6 @@ def build(cfg: DictConfig):
         )
     net = make(cfg.size, input_shape=data.shape, num_classes=data.num_classes if conditional else 0)
     return data, net, method, conditional
-
-
-def read_state(path: Path) -> dict:
-    try:
-        return json.loads(path.read_text()) if path.exists() else {}
-    except json.JSONDecodeError:
-        return {}  # a state file cut short by a crash: the checkpoint and MLflow are the truth
-
-
-def write_state(path: Path, state: dict) -> None:
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(state, indent=1, sort_keys=True))
-    os.replace(tmp, path)
 
 
 def eval_key(cfg: DictConfig) -> str:

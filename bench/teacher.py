@@ -19,7 +19,6 @@ needing the same teacher therefore train it once: the second waits on the lock, 
 from __future__ import annotations
 
 import fcntl
-import json
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,6 +29,8 @@ from torch import nn
 from bench import checkpoint
 from bench.errors import UserError
 from bench.identity import run_dir
+from bench.state import STATE, read_state
+from bench.train import CHECKPOINT
 
 CONFIG_DIR = Path(__file__).resolve().parents[1] / "sweeps"
 
@@ -100,17 +101,17 @@ def resolve(
     locks.mkdir(parents=True, exist_ok=True)
     with open(locks / f"{rd.name}.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)  # one trainer per teacher; the others wait, then load
-        state_path = rd / "state.json"
-        state = json.loads(state_path.read_text()) if state_path.exists() else {}
+        state_path = rd / STATE
+        state = read_state(state_path)
         if state.get("status") != "finished":
             print(
                 f"training the teacher {rd.name} first (no finished run with its identity)",
                 flush=True,
             )
             train_job(tcfg)
-            state = json.loads(state_path.read_text())
+            state = read_state(state_path)
         else:
             print(f"reusing the finished teacher {rd.name}", flush=True)
-        net = _load(rd / "checkpoint.pt", student, build)
+        net = _load(rd / CHECKPOINT, student, build)
     cost = float(state.get("budget", {}).get("budget/forward_equivalents", 0.0))
     return Teacher(net, state.get("mlflow_run_id", ""), cost, str(rd))

@@ -90,14 +90,16 @@ def test_corrupt_and_foreign_checkpoints_are_clear_errors(tmp_path):
 
 
 def test_every_config_option_composes_and_builds(compose):
-    from bench.run import choices
+    from bench.run import group_options
 
-    for group in ("method", "size", "data", "train", "eval", "experiment"):
-        for option in choices(group):
+    groups = group_options({"method", "size", "data", "train", "eval", "experiment"})
+    for group, options in groups.items():
+        assert options, f"no options found for {group}"
+        for option in options:
             override = f"+experiment={option}" if group == "experiment" else f"{group}={option}"
             cfg = compose(override)
             assert cfg[group if group != "experiment" else "method"] is not None
-    for option in choices("method"):
+    for option in groups["method"]:
         make_method(compose(f"method={option}"))
     for option in ("tiny", "S"):
         cfg = compose(f"size={option}")
