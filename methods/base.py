@@ -156,6 +156,10 @@ class Method(nn.Module):
     needs_teacher: str = "no"
     #: an EMA rate the method imposes (0 = the EMA follows the online weights: "no EMA")
     ema_rate: float | None = None
+    #: a method whose loss calls the online network through ``torch.func`` (MeanFlow's JVP) sets
+    #: this: a DDP wrapper's gradient hooks would be bypassed, so under DDP the trainer hands the
+    #: method the unwrapped module and all-reduces the gradients itself after the backward.
+    explicit_grad_sync: bool = False
 
     def stage_starts(self, total_steps: int) -> list[int]:
         """The first optimizer step of each of the ``stages`` stages (stage 0 starts at 0; a
