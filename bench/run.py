@@ -15,6 +15,7 @@ mark the MLflow run KILLED and exit 3 (docs/FAILURES.md lists every failure and 
 from __future__ import annotations
 
 import copy
+import functools
 import logging
 import sys
 import time
@@ -25,6 +26,7 @@ import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
+from bench import distributed as ddp
 from bench.budget import training_budget
 from bench.errors import EXIT_PREEMPTED, EXIT_USER_ERROR, UserError
 from bench.evaluate import METRICS_VERSION, Evaluator, interpolation_grid, save_grid, save_samples
@@ -124,7 +126,12 @@ def build(cfg: DictConfig):
         raise UserError(
             f"{data.name} holds {data.shape[0]}-d points; use size=mlp (DiT sizes are for images)"
         )
-    net = make(cfg.size, input_shape=data.shape, num_classes=data.num_classes if conditional else 0)
+    net = make(
+        cfg.size,
+        input_shape=data.shape,
+        num_classes=data.num_classes if conditional else 0,
+        d_embedding=method.d_embedding,  # how the method conditions on d (MeanFlow: linear)
+    )
     return data, net, method, conditional
 
 
@@ -170,7 +177,7 @@ def record_preemption(e: Preempted, tracker, state_path: Path, state: dict) -> N
     write_state(state_path, {**state, "status": "preempted", "preempted": str(e)})
 
 
-def resolve_teacher(cfg: DictConfig, method, net):
+def resolve_teacher(cfg: DictConfig, method, net, world: ddp.World = ddp.SINGLE):
     """Attach the teacher the method's config names (trained first when no finished run with its
     identity exists), or explain why a teacher is required or refused."""
     from bench import teacher as teachers
@@ -185,27 +192,17 @@ def resolve_teacher(cfg: DictConfig, method, net):
         raise UserError(
             f"{name} needs a teacher: set method.teacher.method (e.g. flow_matching) or method.teacher.checkpoint"
         )
-    found = teachers.resolve(cfg, net, lambda: copy.deepcopy(net), job)
+    found = teachers.resolve(
+        cfg, net, lambda: copy.deepcopy(net), functools.partial(job, world=world), world
+    )
     if found is not None:
         method.attach_teacher(found.net.to(next(net.parameters()).device))
     return found
 
 
-# -- the job ---------------------------------------------------------------------------------------
-def job(cfg: DictConfig, preemption: Preemption | None = None) -> float | None:
-    """One job. ``preemption`` (installed by ``main``) carries stop signals to the training loop
-    and the evaluation loop; without it a signal has its default effect."""
+def open_run(cfg, data, net, device, conditional, identity: str, rd: Path, state: dict):
+    """Rank 0's work before training: the evaluator, the MLflow run, the run directory."""
     from bench.track import Tracker, flatten, redact, standard_tags
-
-    torch.use_deterministic_algorithms(True, warn_only=True)
-    device = pick_device(cfg.device)
-    data, net, method, conditional = build(cfg)
-    net = net.to(device)
-    method = method.to(device)
-    identity = identity_hash(cfg)
-    rd = run_dir(cfg)
-    state_path = rd / STATE
-    state = read_state(state_path)
 
     # The evaluator is built before anything is trained or logged: a bad evaluation setting
     # (missing Inception weights, FID on latents) fails first, and costs nothing.
@@ -240,7 +237,7 @@ def job(cfg: DictConfig, preemption: Preemption | None = None) -> float | None:
     rd.mkdir(parents=True, exist_ok=True)
     state.update(mlflow_run_id=tracker.run_id, status="running", identity=identity)
     state.pop("preempted", None)
-    write_state(state_path, state)
+    write_state(rd / STATE, state)
     # The resolved config, secrets redacted (it is logged as an artifact).
     OmegaConf.save(
         OmegaConf.create(redact(OmegaConf.to_container(cfg, resolve=True))), rd / "config.yaml"
@@ -251,7 +248,26 @@ def job(cfg: DictConfig, preemption: Preemption | None = None) -> float | None:
     )
     if not tracker.resumed:
         tracker.log_artifact(rd / "config.yaml")
+    return evaluator, tracker
 
+
+# -- the job ---------------------------------------------------------------------------------------
+def job(
+    cfg: DictConfig, preemption: Preemption | None = None, world: ddp.World = ddp.SINGLE
+) -> float | None:
+    """One job. ``preemption`` (installed by ``main``) carries stop signals to the training loop
+    and the evaluation loop; without it a signal has its default effect. Under DDP (``world``,
+    bench.distributed) every process trains; rank 0 alone logs, writes and evaluates."""
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    device = ddp.device_for(world, pick_device(cfg.device))
+    ddp.init(world, device)
+    data, net, method, conditional = build(cfg)
+    net = net.to(device)
+    method = method.to(device)
+    identity = identity_hash(cfg)
+    rd = run_dir(cfg)
+    state_path = rd / STATE
+    state = read_state(state_path)
     meta = {
         "identity": identity,
         "model": net.name,
@@ -259,11 +275,20 @@ def job(cfg: DictConfig, preemption: Preemption | None = None) -> float | None:
         "num_classes": int(net.num_classes),
         "method": short_name(cfg.method._target_),
     }
-    teacher = resolve_teacher(cfg, method, net)
+    if not world.main:
+        return train_on_rank(cfg, net, method, data, conditional, device, meta, preemption, world)
+
+    try:
+        evaluator, tracker = open_run(cfg, data, net, device, conditional, identity, rd, state)
+    except BaseException:
+        ddp.main_ready(world, failed=True)
+        raise
+    ddp.main_ready(world)
+    teacher = resolve_teacher(cfg, method, net, world)
     if teacher is not None:
         tracker.set_tags({"teacher_run_id": teacher.run_id, "teacher_source": teacher.source})
     trainer = Trainer(
-        net, method, data, cfg.train, rd, device, conditional, meta, tracker, preemption
+        net, method, data, cfg.train, rd, device, conditional, meta, tracker, preemption, world
     )
     if trainer.resume():
         print(f"resuming {rd} from step {trainer.step} of {cfg.train.steps}", flush=True)
@@ -357,6 +382,32 @@ def job(cfg: DictConfig, preemption: Preemption | None = None) -> float | None:
     return objective_value(cfg, results)
 
 
+def train_on_rank(cfg, net, method, data, conditional, device, meta, preemption, world) -> None:
+    """A process of rank > 0: the same training steps as rank 0 (its share of every batch), no
+    tracking, no files, no evaluation. It reads the checkpoint rank 0 wrote to resume."""
+    ddp.main_ready(world)  # rank 0 has opened the run (or failed to)
+    resolve_teacher(cfg, method, net, world)
+    trainer = Trainer(
+        net,
+        method,
+        data,
+        cfg.train,
+        run_dir(cfg),
+        device,
+        conditional,
+        meta,
+        None,
+        preemption,
+        world,
+    )
+    trainer.resume()
+    try:
+        trainer.fit()
+    except DivergenceError as e:  # rank 0 reports it and marks the run FAILED
+        raise UserError(str(e)) from e
+    return None
+
+
 # -- the value a job returns to a Hydra sweeper (Optuna) --------------------------------------------
 # ``objective.metric`` names an MLflow metric family and ``objective.steps`` the step budget it is
 # read at: ``metric=fd/train steps=1`` -> the job returns ``fd/train/steps_1`` (a ``{k}`` in the
@@ -416,16 +467,22 @@ def objective_value(cfg: DictConfig, results: dict[int, dict[str, float]]) -> fl
 
 @hydra.main(config_path="../sweeps", config_name="config", version_base="1.3")
 def main(cfg: DictConfig) -> float | None:
+    preemption = Preemption()
     try:
         check_objective(cfg, sweeper_choice())
-        with Preemption() as preemption:  # this process's main thread; restored after the job
-            return job(cfg, preemption)
+        with preemption:  # this process's main thread; restored after the job
+            return job(cfg, preemption, ddp.detect())
     except UserError as e:
         print(f"error: {e}", file=sys.stderr, flush=True)
         sys.exit(EXIT_USER_ERROR)
     except Preempted as e:
         print(str(e), file=sys.stderr, flush=True)
+        # Inside a submitit job its own handler (requeue, then exit) gets the signal now that
+        # the checkpoint is saved; anywhere else this is a no-op and we exit 3.
+        preemption.forward()
         sys.exit(EXIT_PREEMPTED)
+    finally:
+        ddp.shutdown()
 
 
 def cli() -> None:

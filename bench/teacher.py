@@ -27,6 +27,7 @@ from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
 from bench import checkpoint
+from bench import distributed as ddp
 from bench.errors import UserError
 from bench.identity import run_dir
 from bench.state import STATE, read_state
@@ -85,8 +86,11 @@ def resolve(
     student: nn.Module,
     build: Callable[[], nn.Module],
     train_job: Callable[[DictConfig], object],
+    world: ddp.World = ddp.SINGLE,
 ) -> Teacher | None:
-    """The teacher named by ``cfg.method.teacher`` (None when there is none)."""
+    """The teacher named by ``cfg.method.teacher`` (None when there is none). Under DDP rank 0
+    holds the lock and decides; when the teacher must be trained, every process trains it
+    (``train_job`` runs on all ranks, so the teacher gets the same processes as the student)."""
     spec = cfg.method.get("teacher")
     if not spec:
         return None
@@ -100,17 +104,20 @@ def resolve(
     locks = rd.parent / ".locks"
     locks.mkdir(parents=True, exist_ok=True)
     with open(locks / f"{rd.name}.lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)  # one trainer per teacher; the others wait, then load
+        if world.main:  # one trainer per teacher; other jobs wait, then load
+            fcntl.flock(lock, fcntl.LOCK_EX)
         state_path = rd / STATE
         state = read_state(state_path)
-        if state.get("status") != "finished":
-            print(
-                f"training the teacher {rd.name} first (no finished run with its identity)",
-                flush=True,
-            )
+        if ddp.any_true(world.main and state.get("status") != "finished", world):
+            if world.main:
+                print(
+                    f"training the teacher {rd.name} first (no finished run with its identity)",
+                    flush=True,
+                )
             train_job(tcfg)
+            ddp.barrier(world)  # rank 0 evaluates and marks it finished after the others stop
             state = read_state(state_path)
-        else:
+        elif world.main:
             print(f"reusing the finished teacher {rd.name}", flush=True)
         net = _load(rd / CHECKPOINT, student, build)
     cost = float(state.get("budget", {}).get("budget/forward_equivalents", 0.0))

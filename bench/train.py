@@ -3,16 +3,21 @@
 AdamW on the online network, an EMA copy, gradient clipping when configured, gradient accumulation
 over ``grad_accum`` micro-batches (off by default), periodic atomic
 checkpoints (network, EMA, optimizer, method state, RNG, step) and resume from the last one.
-Every step reseeds the global RNG from ``(seed, step)`` and draws its batch from a generator with
-the same key, so a resumed run is bitwise the run that was never interrupted (CPU, same threads).
+Every micro-batch reseeds the global RNG from ``(seed, step, part)`` and draws its rows from a
+generator with the same key, so a resumed run is bitwise the run that was never interrupted (CPU,
+same threads), and ``W`` data-parallel processes (``bench.distributed``) see exactly the rows and
+noise of one process with ``grad_accum = W``: process ``rank`` takes parts ``rank * accum ..``.
 Losses are summed on the device and read back once per logging interval (no per-step sync);
 a non-finite mean stops the run before anything is saved over the last good checkpoint.
-A stop signal (SIGUSR1, SIGTERM; see ``Preemption``) ends the current step, saves a checkpoint and
-raises ``Preempted``, so the next start resumes where it stopped.
+A stop signal (SIGUSR1, SIGUSR2, SIGTERM; see ``Preemption``) ends the current step, saves a
+checkpoint and raises ``Preempted``, so the next start resumes where it stopped. Under DDP every
+decision that ends the loop (a non-finite loss, a stop signal) is taken on all-reduced values at a
+logging boundary, so all processes stop at the same step; only rank 0 writes checkpoints.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import signal
@@ -25,6 +30,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from bench import checkpoint
+from bench import distributed as ddp
 from bench.data import Dataset
 from bench.ema import EMA
 from bench.errors import UserError
@@ -56,12 +62,18 @@ class Preempted(RuntimeError):
 
 
 class Preemption:
-    """``with Preemption() as p:`` turns SIGUSR1 and SIGTERM (what SLURM and most schedulers send
-    before they kill a job) into a request to stop. The handler only records the signal -- no I/O
-    inside a handler; the trainer checks ``p.requested`` after each optimizer step. Handlers are
-    installed only in the main thread (Python allows no other) and restored on exit."""
+    """``with Preemption() as p:`` turns SIGUSR1, SIGUSR2 and SIGTERM (what SLURM, submitit and most
+    schedulers send before they kill a job) into a request to stop. The handler only records the
+    signal -- no I/O inside a handler; the trainer checks ``p.requested`` after each optimizer step.
+    Handlers are installed only in the main thread (Python allows no other) and restored on exit.
 
-    SIGNALS = tuple(getattr(signal, n) for n in ("SIGUSR1", "SIGTERM") if hasattr(signal, n))
+    A handler that was installed before ours (submitit's: on its signal, SIGUSR2 by default, it
+    requeues the job and exits) is kept: ``forward()`` calls it once our checkpoint is saved, so a
+    job at its time limit saves first and is requeued second."""
+
+    SIGNALS = tuple(
+        getattr(signal, n) for n in ("SIGUSR1", "SIGUSR2", "SIGTERM") if hasattr(signal, n)
+    )
 
     def __init__(self, signals: tuple[int, ...] = SIGNALS):
         self.signals = signals
@@ -87,11 +99,19 @@ class Preemption:
     def __exit__(self, *exc) -> None:
         for s, previous in self._previous.items():  # None: installed outside Python
             signal.signal(s, signal.SIG_DFL if previous is None else previous)
-        self._previous = {}
+        # _previous is kept: ``forward`` runs after the ``with`` block has restored the handlers.
+
+    def forward(self) -> None:
+        """Hand the recorded signal to the Python handler that was installed before ours, if any
+        (submitit's requeue-and-exit); default actions (terminate) are not replayed."""
+        previous = self._previous.get(self.signum) if self.signum is not None else None
+        if callable(previous) and previous not in (signal.default_int_handler,):
+            previous(self.signum, None)
 
 
-def step_seed(seed: int, step: int) -> int:
-    return (seed * 1_000_003 + step * 7_919) % 2**63
+def step_seed(seed: int, step: int, part: int = 0) -> int:
+    """The RNG key of micro-batch ``part`` of optimizer step ``step`` (part < 7919: no collisions)."""
+    return (seed * 1_000_003 + step * 7_919 + part * 104_729) % 2**63
 
 
 class Trainer:
@@ -109,6 +129,7 @@ class Trainer:
         meta: dict,
         tracker=None,
         preemption: Preemption | None = None,
+        world: ddp.World = ddp.SINGLE,
     ):
         self.net, self.method, self.data, self.cfg = net, method, data, cfg
         self.run_dir, self.device, self.conditional, self.meta = (
@@ -117,7 +138,14 @@ class Trainer:
             conditional,
             meta,
         )
-        self.tracker, self.preemption = tracker, preemption
+        self.tracker, self.preemption, self.world = tracker, preemption, world
+        parts = world.size * int(cfg.get("grad_accum", 1))
+        if int(cfg.get("grad_accum", 1)) < 1 or cfg.batch_size % parts:
+            raise UserError(
+                f"train.batch_size={cfg.batch_size} must split evenly into {parts} micro-batches "
+                f"({world.size} processes x train.grad_accum={cfg.get('grad_accum', 1)}); "
+                f"use a multiple of {parts}"
+            )
         starts = method.stage_starts(cfg.steps)
         if len(starts) != method.stages or starts[0] != 0 or starts != sorted(starts):
             raise ValueError(
@@ -133,6 +161,11 @@ class Trainer:
         )
         rate = cfg.ema_rate if method.ema_rate is None else method.ema_rate
         self.ema = EMA(net, rate, cfg.ema_warmup and method.ema_rate is None)
+        # The network the loss calls: DDP's wrapper (gradient all-reduce overlapped with the
+        # backward) unless the method goes through torch.func, which would bypass its hooks.
+        self.wrapped = net
+        if world.distributed and not method.explicit_grad_sync:
+            self.wrapped = ddp.wrap(net, device)
         self.step = 0
         method.bind(self.context())
 
@@ -147,6 +180,7 @@ class Trainer:
             self.conditional,
             self.cfg.seed,
             reset_optimizer=lambda: self.opt.state.clear(),
+            world=self.world,
         )
 
     @property
@@ -169,11 +203,13 @@ class Trainer:
         }
 
     def save(self) -> None:
-        checkpoint.save(self.checkpoint_path, self.state())
+        if self.world.main:  # every rank holds the same weights; one writes them
+            checkpoint.save(self.checkpoint_path, self.state())
 
     def resume(self) -> bool:
         """Load the last checkpoint if there is one; returns whether it did."""
-        checkpoint.remove_stale_temporaries(self.checkpoint_path)
+        if self.world.main:  # rank 0 alone writes checkpoints (and so alone tidies them)
+            checkpoint.remove_stale_temporaries(self.checkpoint_path)
         if not self.checkpoint_path.exists():
             return False
         state = checkpoint.load(self.checkpoint_path, self.meta)
@@ -188,17 +224,15 @@ class Trainer:
 
     def fit(self, stop_at: int | None = None) -> None:
         """Train to ``cfg.steps`` (or to ``stop_at``, for tests that simulate an interruption)."""
-        cfg, net = self.cfg, self.net
+        cfg, net, world = self.cfg, self.net, self.world
         end = min(cfg.steps, stop_at) if stop_at is not None else cfg.steps
         accum = int(cfg.get("grad_accum", 1))
-        if accum < 1 or cfg.batch_size % accum:
-            raise UserError(
-                f"train.grad_accum={accum} must be a positive divisor of train.batch_size={cfg.batch_size}"
-            )
+        parts = world.size * accum  # micro-batches per optimizer step, over all processes
         if self.step >= end:
             return
         stage = None
         net.train()
+        train_nets = Nets(self.wrapped, self.ema.net)
         sums: dict[str, torch.Tensor] = {}
         count, tick = 0, time.perf_counter()
         bar = tqdm(
@@ -206,7 +240,7 @@ class Trainer:
             initial=self.step,
             desc="train",
             dynamic_ncols=True,
-            disable=not cfg.progress,
+            disable=not (cfg.progress and world.main),
             mininterval=2.0,
         )
         while self.step < end:
@@ -219,16 +253,22 @@ class Trainer:
             factor = self.method.lr_factor(self.step, cfg.steps)
             for group in self.opt.param_groups:
                 group["lr"] = cfg.lr * factor
-            torch.manual_seed(step_seed(cfg.seed, self.step))
             self.opt.zero_grad(set_to_none=True)
-            for micro in range(accum):  # accum = 1: one batch of batch_size per step
+            for micro in range(accum):  # accum = 1: one micro-batch per process and step
+                part = world.rank * accum + micro
+                torch.manual_seed(step_seed(cfg.seed, self.step, part))
                 batch = self.data.batch(
-                    cfg.batch_size // accum, cfg.seed, self.step * accum + micro, self.conditional
+                    cfg.batch_size // parts, cfg.seed, self.step * parts + part, self.conditional
                 ).to(self.device)
-                loss, logs = self.method.loss(self.nets, batch, self.step)
-                (loss / accum).backward()
+                # DDP all-reduces during the last micro-batch's backward only.
+                sync = micro == accum - 1 or self.wrapped is net
+                with contextlib.nullcontext() if sync else self.wrapped.no_sync():
+                    loss, logs = self.method.loss(train_nets, batch, self.step)
+                    (loss / accum).backward()
                 for k, v in {"loss": loss.detach(), **logs}.items():
                     sums[k] = sums.get(k, 0.0) + v / accum
+            if self.wrapped is net:  # no DDP wrapper: average explicitly (no-op for 1 process)
+                ddp.average_gradients(net.parameters(), world)
             if cfg.grad_clip:
                 nn.utils.clip_grad_norm_(net.parameters(), cfg.grad_clip)
             self.opt.step()
@@ -237,12 +277,17 @@ class Trainer:
             self.step += 1
             count += 1
             bar.update(1)
-            # A stop signal makes this step a logging and checkpoint boundary (after the NaN check).
+            log_now = self.step % cfg.log_every == 0 or self.step == end
+            save_now = self.step % cfg.ckpt_every == 0 or self.step == end
+            # A stop signal makes this step a logging and checkpoint boundary. Under DDP the
+            # processes agree on it (and on the loss) at logging boundaries only: that is where
+            # they synchronise anyway, and SLURM signals minutes before it kills.
             stop = self.preemption is not None and self.preemption.requested
-            log_now = self.step % cfg.log_every == 0 or self.step == end or stop
-            save_now = self.step % cfg.ckpt_every == 0 or self.step == end or stop
+            if world.distributed and (log_now or save_now):
+                stop = ddp.any_true(stop, world)
+            log_now, save_now = log_now or stop, save_now or stop
             if log_now or save_now:
-                means = {k: float(v) / count for k, v in sums.items()}  # the one sync per interval
+                means = self.interval_means(sums, count)  # the one sync per interval
                 if not all(math.isfinite(v) for v in means.values()):
                     bar.close()
                     raise DivergenceError(self.step, means["loss"])
@@ -263,8 +308,15 @@ class Trainer:
             if stop:
                 bar.close()
                 raise Preempted(
-                    self.preemption.signal_name,
+                    self.preemption.signal_name if self.preemption is not None else "a peer",
                     self.step,
                     f"checkpoint saved to {self.checkpoint_path}",
                 )
         bar.close()
+
+    def interval_means(self, sums: dict[str, torch.Tensor], count: int) -> dict[str, float]:
+        """Mean of each logged value over the interval (and over processes under DDP)."""
+        keys = sorted(sums)
+        stacked = torch.stack([torch.as_tensor(sums[k], dtype=torch.float32) for k in keys])
+        stacked = ddp.all_reduce_sum(stacked.to(self.device), self.world) / self.world.size
+        return {k: float(v) / count for k, v in zip(keys, stacked.tolist(), strict=True)}

@@ -19,6 +19,7 @@ import torch
 from torch import Tensor, nn
 
 from bench.data import Batch
+from bench.distributed import SINGLE, World, barrier
 from bench.dit import FLOW_MATCHING_LEVEL
 from bench.errors import UserError
 from bench.guidance import guided_velocity
@@ -37,6 +38,12 @@ class StageContext:
     conditional: bool
     seed: int
     reset_optimizer: Callable[[], None]  # the method asks; the trainer owns the optimizer
+    #: the data-parallel processes training this run: work that writes files (reflow pairs) is
+    #: shared out by rank and joined by ``world_barrier``; only rank 0 writes everything else
+    world: World = SINGLE
+
+    def world_barrier(self) -> None:
+        barrier(self.world)
 
 
 @dataclass

@@ -84,7 +84,7 @@ class ProgressiveDistillation(Method):
             nets.online.load_state_dict(
                 self.teacher.state_dict()
             )  # the student starts as the teacher
-        else:  # the last round's student serves its own budget and teaches this round
+        elif ctx.world.main:  # the last round's student serves its own budget, teaches this one
             torch.save(nets.online.state_dict(), self.student_path(round_steps(stage - 1)))
         self.round_teacher.load_state_dict(nets.online.state_dict())
         nets.ema.load_state_dict(nets.online.state_dict())

@@ -105,9 +105,10 @@ class Reflow(Method):
         data, shape = ctx.data, tuple(ctx.data.shape)
         conditional = ctx.conditional and data.num_classes > 0
         source.eval()
+        world = ctx.world
         for i, start in enumerate(range(0, self.num_pairs, SHARD)):
             path = folder / f"shard_{i:05d}.pt"
-            if path.exists():
+            if path.exists() or i % world.size != world.rank:  # DDP: shards are dealt out by rank
                 continue
             n = min(SHARD, self.num_pairs - start)
             g = torch.Generator().manual_seed(ctx.seed * 1_000_003 + 7_777 * stage + i)
@@ -127,6 +128,7 @@ class Reflow(Method):
             tmp = path.with_suffix(".tmp")
             torch.save({"x0": x0, "x1": x1, "y": y}, tmp)
             tmp.replace(path)  # a shard is whole or absent
+        ctx.world_barrier()  # every process reads every shard next
 
     def _ode(self, net: nn.Module, x0: Tensor, y: Tensor | None, device) -> Tensor:
         x = x0.to(device)
