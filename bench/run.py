@@ -32,7 +32,7 @@ from bench.errors import EXIT_PREEMPTED, EXIT_USER_ERROR, UserError
 from bench.evaluate import METRICS_VERSION, Evaluator, interpolation_grid, save_grid, save_samples
 from bench.identity import identity_config, identity_hash, run_dir, short_name
 from bench.state import STATE, read_state, write_state
-from bench.train import DivergenceError, Preempted, Preemption, Trainer
+from bench.train import DivergenceError, Preempted, Preemption, Trainer, check_batch_split
 
 log = logging.getLogger("bench.run")
 CONFIG_DIR = Path(__file__).resolve().parents[1] / "sweeps"
@@ -200,7 +200,7 @@ def resolve_teacher(cfg: DictConfig, method, net, world: ddp.World = ddp.SINGLE)
     return found
 
 
-def open_run(cfg, data, net, device, conditional, identity: str, rd: Path, state: dict):
+def open_run(cfg, data, net, device, conditional, identity: str, rd: Path, state: dict, world):
     """Rank 0's work before training: the evaluator, the MLflow run, the run directory."""
     from bench.track import Tracker, flatten, redact, standard_tags
 
@@ -244,7 +244,12 @@ def open_run(cfg, data, net, device, conditional, identity: str, rd: Path, state
     )
     tracker.log_params(flatten(identity_config(cfg)))
     tracker.set_tags(
-        {**standard_tags(cfg, identity, net.name, device), "run_dir": str(rd.resolve())}
+        {
+            **standard_tags(cfg, identity, net.name, device),
+            "run_dir": str(rd.resolve()),
+            # Not part of the identity: W processes train what one does with grad_accum x W.
+            "world_size": str(world.size),
+        }
     )
     if not tracker.resumed:
         tracker.log_artifact(rd / "config.yaml")
@@ -262,6 +267,7 @@ def job(
     device = ddp.device_for(world, pick_device(cfg.device))
     ddp.init(world, device)
     data, net, method, conditional = build(cfg)
+    check_batch_split(cfg.train, world)  # before the MLflow run exists
     net = net.to(device)
     method = method.to(device)
     identity = identity_hash(cfg)
@@ -279,7 +285,9 @@ def job(
         return train_on_rank(cfg, net, method, data, conditional, device, meta, preemption, world)
 
     try:
-        evaluator, tracker = open_run(cfg, data, net, device, conditional, identity, rd, state)
+        evaluator, tracker = open_run(
+            cfg, data, net, device, conditional, identity, rd, state, world
+        )
     except BaseException:
         ddp.main_ready(world, failed=True)
         raise

@@ -109,6 +109,20 @@ class Preemption:
             previous(self.signum, None)
 
 
+def check_batch_split(cfg, world: ddp.World) -> int:
+    """The global batch must cut into ``processes x grad_accum`` equal micro-batches; their count."""
+    accum = cfg.get("grad_accum", 1)
+    parts = world.size * int(accum) if isinstance(accum, int) and accum >= 1 else 0
+    if parts == 0:
+        raise UserError(f"train.grad_accum={accum!r} must be a positive whole number")
+    if cfg.batch_size % parts:
+        raise UserError(
+            f"train.batch_size={cfg.batch_size} must split evenly into {parts} micro-batches "
+            f"({world.size} processes x train.grad_accum={accum}); use a multiple of {parts}"
+        )
+    return parts
+
+
 def step_seed(seed: int, step: int, part: int = 0) -> int:
     """The RNG key of micro-batch ``part`` of optimizer step ``step`` (part < 7919: no collisions)."""
     return (seed * 1_000_003 + step * 7_919 + part * 104_729) % 2**63
@@ -139,13 +153,7 @@ class Trainer:
             meta,
         )
         self.tracker, self.preemption, self.world = tracker, preemption, world
-        parts = world.size * int(cfg.get("grad_accum", 1))
-        if int(cfg.get("grad_accum", 1)) < 1 or cfg.batch_size % parts:
-            raise UserError(
-                f"train.batch_size={cfg.batch_size} must split evenly into {parts} micro-batches "
-                f"({world.size} processes x train.grad_accum={cfg.get('grad_accum', 1)}); "
-                f"use a multiple of {parts}"
-            )
+        check_batch_split(cfg, world)
         starts = method.stage_starts(cfg.steps)
         if len(starts) != method.stages or starts[0] != 0 or starts != sorted(starts):
             raise ValueError(

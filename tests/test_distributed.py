@@ -197,3 +197,20 @@ def test_torchrun_with_two_processes_logs_one_run_and_matches_grad_accum_2(tmp_p
     run = by_dir[str(rd2.resolve())]
     assert run.info.status == "FINISHED"
     assert "fd/train/steps_1" in run.data.metrics
+
+
+def test_a_batch_that_does_not_split_fails_before_any_run_exists(tmp_path, mlflow_uri):
+    from conftest import SMOKE, run_cli
+
+    r = run_cli(
+        "train.steps=2", *SMOKE, "train.grad_accum=3", f"paths.root={tmp_path}", cwd=tmp_path
+    )
+    assert r.returncode == 2, r.stderr
+    assert r.stderr.strip().splitlines()[-1] == (
+        "error: train.batch_size=8 must split evenly into 3 micro-batches "
+        "(1 processes x train.grad_accum=3); use a multiple of 3"
+    )
+    assert not (tmp_path / "runs").exists()  # no run directory, no MLflow run left RUNNING
+    import mlflow
+
+    assert mlflow.search_runs(search_all_experiments=True, output_format="list") == []

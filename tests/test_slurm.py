@@ -259,9 +259,28 @@ def checkpoint_step(root: Path) -> int:
     return 0
 
 
+def requeue(job_id: str) -> None:
+    """What preemption does: SLURM stops the job with SIGTERM and queues it again."""
+    subprocess.run(["scontrol", "requeue", job_id], check=True, timeout=30)
+
+
+def time_limit_signal(job_id: str) -> None:
+    """What SLURM sends ``signal_delay_s`` before the time limit (``--signal=USR2@N``), sent now:
+    submitit's handler requeues the job once our handler has saved the checkpoint."""
+    subprocess.run(["scancel", "--signal=USR2", job_id], check=True, timeout=30)
+
+
 @pytest.mark.slow
-def test_a_requeued_job_resumes_its_run_from_the_checkpoint(slurm, tmp_path):
-    """`scontrol requeue` of a running job (what preemption does): SLURM stops it with SIGTERM,
+@pytest.mark.parametrize(
+    "interrupt,signal_name",
+    [(requeue, "SIGTERM"), (time_limit_signal, "SIGUSR2")],
+    ids=["scontrol_requeue", "time_limit_signal"],
+)
+def test_an_interrupted_job_saves_is_requeued_and_resumes_its_run(
+    slurm, tmp_path, interrupt, signal_name
+):
+    """`scontrol requeue` of a running job (preemption: SLURM stops it with SIGTERM), or the
+    signal SLURM sends before the time limit (SIGUSR2, which submitit answers by requeueing):
     the job saves a checkpoint at the end of its step and exits; SLURM runs it again, and the
     rerun finds its run directory by the config hash, resumes from that checkpoint and finishes
     the same MLflow run. Hydra's sweep waits through it all and ends with exit code 0."""
@@ -279,7 +298,7 @@ def test_a_requeued_job_resumes_its_run_from_the_checkpoint(slurm, tmp_path):
         wait_until("checkpoint", lambda: checkpoint_step(tmp_path) >= 10, 180, proc)
         (folder,) = job_folders(tmp_path)
         job_id = folder.name
-        subprocess.run(["scontrol", "requeue", job_id], check=True, timeout=30)
+        interrupt(job_id)
         # SLURM holds a requeued job for its credential lifetime (120 s by default) before it may
         # start again; release it at once so the test takes seconds, not minutes.
         pending = ["squeue", "-h", "-j", job_id, "-o", "%T"]
@@ -301,7 +320,7 @@ def test_a_requeued_job_resumes_its_run_from_the_checkpoint(slurm, tmp_path):
 
     log_out = "".join(p.read_text() for p in folder.glob("*_log.out"))
     log_err = "".join(p.read_text() for p in folder.glob("*_log.err"))
-    stopped = re.search(r"preempted by SIGTERM at step (\d+); checkpoint saved", log_err)
+    stopped = re.search(rf"preempted by {signal_name} at step (\d+); checkpoint saved", log_err)
     assert stopped, log_err[-3000:]
     step = int(stopped.group(1))
     assert 10 <= step < 120
@@ -312,7 +331,63 @@ def test_a_requeued_job_resumes_its_run_from_the_checkpoint(slurm, tmp_path):
 
     (run,) = mlflow_runs(tmp_path)  # one run: the rerun continued it
     assert run.info.status == "FINISHED"
-    assert run.data.tags["preempted"] == f"SIGTERM at step {step}"
+    assert run.data.tags["preempted"] == f"{signal_name} at step {step}"
     assert math.isfinite(run.data.metrics["fd/train/steps_1"])
     final_states([job_id])
     assert sacct_states([job_id], duplicates=True)[job_id] == ["REQUEUED", "COMPLETED"]
+
+
+# -- DDP inside a SLURM job --------------------------------------------------------------------------
+@pytest.mark.slow
+def test_a_two_task_slurm_job_trains_one_run_with_ddp(slurm, tmp_path):
+    """`hydra.launcher.tasks_per_node=2`: SLURM starts two processes, submitit's environment gives
+    them their ranks, they train one run under gloo (rank 0 logs and evaluates), and the weights
+    equal the single-process run with grad_accum=2 (same global batch, same rows and noise)."""
+    from conftest import run_cli
+
+    toy = ["method=flow_matching", "size=tiny", *TOY, "train.batch_size=16", "eval.budgets=[1]"]
+    on_slurm, local = tmp_path / "slurm", tmp_path / "local"
+    on_slurm.mkdir()
+    env = {**os.environ, "PYTHONPATH": str(ROOT), **ONE_THREAD}
+    sweep = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "bench.run",
+            "-m",
+            *toy,
+            "hydra/launcher=slurm",
+            "hydra.launcher.tasks_per_node=2",
+            f"paths.root={on_slurm}",
+            f"tracking.uri=sqlite:///{on_slurm}/m.db",
+        ],
+        cwd=on_slurm,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert sweep.returncode == 0, sweep.stderr[-4000:]
+    (folder,) = job_folders(on_slurm)
+    assert final_states([folder.name]) == {folder.name: "COMPLETED"}
+    logs = {p.name: p.read_text() for p in folder.glob("*_log.err")}
+    assert len(logs) == 2, sorted(logs)  # one log per task: two processes ran
+    (run,) = mlflow_runs(on_slurm)  # rank 1 logged nothing of its own
+    assert run.info.status == "FINISHED"
+    assert run.data.tags["world_size"] == "2"
+
+    local.mkdir()
+    one = run_cli(
+        *toy,
+        "train.grad_accum=2",
+        f"paths.root={local}",
+        f"tracking.uri=sqlite:///{local}/m.db",
+        cwd=local,
+        env=ONE_THREAD,
+    )
+    assert one.returncode == 0, one.stderr[-4000:]
+    (a,), (b,) = (list((root / "runs").iterdir()) for root in (on_slurm, local))
+    sa, sb = checkpoint.load(a / "checkpoint.pt"), checkpoint.load(b / "checkpoint.pt")
+    assert sa["step"] == sb["step"] == 4
+    for k in sa["net"]:
+        assert torch.allclose(sa["net"][k], sb["net"][k], atol=2e-5, rtol=0), k
