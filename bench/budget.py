@@ -11,6 +11,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
+from bench.errors import UserError
+
 
 class CountingNet(nn.Module):
     """Wraps a network and counts evaluated rows, split by whether autograd records them."""
@@ -39,3 +41,19 @@ def training_budget(method, steps: int, batch_size: int) -> dict[str, float]:
     per_sample = method.cost()["forward_equivalents_per_sample"]
     total = samples * per_sample + method.one_off_cost()  # + pair generation and the like
     return {"budget/train_samples": samples, "budget/forward_equivalents": total}
+
+
+def steps_for_budget(total: float, method, batch_size: int, teacher: float = 0.0) -> int:
+    """Optimizer steps that spend ``total`` forward-equivalents (``compute_budget``): what is
+    left after the teacher's training and the method's one-off work (reflow's pairs), divided by
+    the cost of one step (``batch_size`` rows at the method's per-sample cost)."""
+    per_step = batch_size * method.cost()["forward_equivalents_per_sample"]
+    left = float(total) - teacher - method.one_off_cost()
+    steps = int(left // per_step)
+    if steps < 1:
+        raise UserError(
+            f"compute_budget={total:g} forward-equivalents leaves {left:g} for "
+            f"{type(method).__name__}'s training after its teacher ({teacher:g}) and one-off work "
+            f"({method.one_off_cost():g}), less than one step ({per_step:g}); raise compute_budget"
+        )
+    return steps

@@ -24,10 +24,10 @@ from pathlib import Path
 import hydra
 import torch
 from hydra.utils import instantiate
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf, open_dict
 
 from bench import distributed as ddp
-from bench.budget import training_budget
+from bench.budget import steps_for_budget, training_budget
 from bench.errors import EXIT_PREEMPTED, EXIT_USER_ERROR, UserError
 from bench.evaluate import METRICS_VERSION, Evaluator, interpolation_grid, save_grid, save_samples
 from bench.identity import identity_config, identity_hash, run_dir, short_name
@@ -130,7 +130,8 @@ def build(cfg: DictConfig):
         cfg.size,
         input_shape=data.shape,
         num_classes=data.num_classes if conditional else 0,
-        d_embedding=method.d_embedding,  # how the method conditions on d (MeanFlow: linear)
+        d_embedding=method.d_embedding,  # how the method embeds d and t (MeanFlow: linear, 1.0)
+        t_scale=method.t_scale,
     )
     return data, net, method, conditional
 
@@ -249,11 +250,43 @@ def open_run(cfg, data, net, device, conditional, identity: str, rd: Path, state
             "run_dir": str(rd.resolve()),
             # Not part of the identity: W processes train what one does with grad_accum x W.
             "world_size": str(world.size),
+            "compute_budget": str(cfg.get("compute_budget")),
         }
     )
     if not tracker.resumed:
         tracker.log_artifact(rd / "config.yaml")
     return evaluator, tracker
+
+
+def apply_compute_budget(cfg: DictConfig) -> None:
+    """``compute_budget`` set: replace ``train.steps`` by the steps that spend it (teacher
+    training and one-off work counted), and pin the teacher's own steps so the teacher the job
+    attaches is the one that was paid for."""
+    total = cfg.get("compute_budget")
+    if total is None:
+        return
+    from bench import teacher as teachers
+
+    method = make_method(cfg)
+    spent, tcfg = 0.0, teachers.teacher_config(cfg)
+    if tcfg is not None:
+        tsteps, tbatch = int(tcfg.train.steps), int(tcfg.train.batch_size)
+        key = "budget/forward_equivalents"
+        spent = training_budget(make_method(tcfg), tsteps, tbatch)[key]
+    steps = steps_for_budget(total, method, cfg.train.batch_size, spent)
+    with open_dict(cfg):
+        if tcfg is not None:
+            cfg.method.teacher.train = OmegaConf.merge(
+                cfg.method.teacher.get("train") or {}, {"steps": int(tcfg.train.steps)}
+            )
+        cfg.train.steps = steps
+    print(
+        f"compute_budget={float(total):g} forward-equivalents: train.steps={steps} "
+        f"({cfg.train.batch_size} x {method.cost()['forward_equivalents_per_sample']:g} per step"
+        f"{f', teacher {spent:g}' if spent else ''}"
+        f"{f', one-off {method.one_off_cost():g}' if method.one_off_cost() else ''})",
+        flush=True,
+    )
 
 
 # -- the job ---------------------------------------------------------------------------------------
@@ -264,6 +297,7 @@ def job(
     and the evaluation loop; without it a signal has its default effect. Under DDP (``world``,
     bench.distributed) every process trains; rank 0 alone logs, writes and evaluates."""
     torch.use_deterministic_algorithms(True, warn_only=True)
+    apply_compute_budget(cfg)  # before the identity: the derived steps are part of it
     device = ddp.device_for(world, pick_device(cfg.device))
     ddp.init(world, device)
     data, net, method, conditional = build(cfg)

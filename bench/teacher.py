@@ -58,6 +58,7 @@ def teacher_config(cfg: DictConfig) -> DictConfig | None:
         tcfg.train = OmegaConf.merge(tcfg.train, spec.train)
     tcfg.eval_only = False
     tcfg.objective = None
+    tcfg.compute_budget = None  # the teacher trains its own recipe; the student pays for it
     return tcfg
 
 

@@ -48,3 +48,77 @@ def test_baked_cfg_cost_matches_in_expectation():
 def test_training_budget_figures():
     b = training_budget(Shortcut(k_ratio=0.25), steps=1000, batch_size=128)
     assert b == {"budget/train_samples": 128000, "budget/forward_equivalents": 128000 * 3.5}
+
+
+# -- compute-matched runs (compute_budget, sweeps/experiment/compute_matched.yaml) ------------------
+def test_steps_for_budget_divides_what_is_left_by_the_cost_of_a_step():
+    from bench.budget import steps_for_budget
+    from bench.errors import UserError
+
+    shortcut = Shortcut(k_ratio=0.25)  # 3 + 2 * 0.25 = 3.5 per row
+    assert steps_for_budget(1_024_000, shortcut, 128) == 2285  # 1,024,000 / 448 = 2285.7
+    assert steps_for_budget(1_024_000, FlowMatching(), 128, teacher=384_000) == 1666
+    reflow = Reflow(num_pairs=100, gen_steps=10)  # one-off 1,000 forwards
+    assert steps_for_budget(1_000 + 3 * 8 * 5, reflow, 8) == 5
+    with pytest.raises(UserError, match=r"compute_budget=400 .* less than one step \(448\)"):
+        steps_for_budget(400, shortcut, 128)
+
+
+def test_the_compute_matched_experiment_gives_every_method_the_same_total(compose, capsys):
+    from bench.run import apply_compute_budget, make_method
+
+    totals = {}
+    for method in (
+        "shortcut",
+        "flow_matching",
+        "consistency",
+        "reflow",
+        "progressive_distillation",
+    ):
+        cfg = compose("+experiment=compute_matched", f"method={method}")
+        apply_compute_budget(cfg)
+        m, steps = make_method(cfg), cfg.train.steps
+        total = training_budget(m, steps, cfg.train.batch_size)["budget/forward_equivalents"]
+        if method == "progressive_distillation":  # its teacher's training is pinned and counted
+            assert cfg.method.teacher.train.steps == 1000
+            total += 1000 * 128 * 3
+        # Spent to within one step of the budget, never above it.
+        per_step = cfg.train.batch_size * m.cost()["forward_equivalents_per_sample"]
+        assert cfg.compute_budget - per_step < total <= cfg.compute_budget, method
+        totals[method] = steps
+    assert totals == {
+        "shortcut": 2285,
+        "flow_matching": 2666,
+        "consistency": 2000,
+        "reflow": 1301,
+        "progressive_distillation": 1000,
+    }
+    assert (
+        "compute_budget=1.024e+06 forward-equivalents: train.steps=1000 (128 x 5 per step, teacher 384000)"
+        in capsys.readouterr().out
+    )
+
+
+def test_a_compute_budget_run_trains_the_derived_steps(tmp_path, mlflow_uri):
+    from conftest import SMOKE, run_cli
+
+    from bench import checkpoint
+
+    # flow matching at batch 8 costs 24 per step: 100 forward-equivalents buy 4 steps.
+    r = run_cli(
+        "method=flow_matching",
+        *SMOKE,
+        "compute_budget=100",
+        "eval.budgets=[1]",
+        f"paths.root={tmp_path}",
+        cwd=tmp_path,
+    )
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "compute_budget=100 forward-equivalents: train.steps=4 (8 x 3 per step)" in r.stdout
+    (rd,) = (tmp_path / "runs").iterdir()
+    assert checkpoint.load(rd / "checkpoint.pt")["step"] == 4
+    r = run_cli(
+        "method=flow_matching", *SMOKE, "compute_budget=10", f"paths.root={tmp_path}", cwd=tmp_path
+    )
+    assert r.returncode == 2
+    assert "less than one step (24); raise compute_budget" in r.stderr
