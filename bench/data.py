@@ -9,11 +9,13 @@ Datasets (EVALUATION.md has the measured facts):
 * ``shapes16``  procedural anti-aliased disks, squares and triangles in colour on black, 3 labels.
 * ``toy2d``     8gaussians, moons, checkerboard (2-D points).
 * ``image_folder``  a user's folder of images; class sub-folders become labels.
-* ``latents``   precomputed VAE latents in ``.npy`` / ``.npz`` shards (e.g. 32x32x4 for 256px).
+* ``latents``   precomputed VAE latents in ``.npy`` / ``.npz`` shards (e.g. 32x32x4 for 256px);
+  ``python -m bench.encode`` writes them with a ``latents.json`` naming the VAE that decodes them.
 """
 
 from __future__ import annotations
 
+import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -44,9 +46,22 @@ class Batch:
         return self.x1.shape[0]
 
 
+@dataclass(frozen=True)
+class LatentInfo:
+    """Where VAE latents came from (``latents.json``, written by ``python -m bench.encode``):
+    the latents are ``scaling_factor * E(x)`` of ``resolution``-px images, decoded by ``vae``."""
+
+    vae: str  # a local folder (absolute) or a hub name, for AutoencoderKL.from_pretrained
+    scaling_factor: float
+    resolution: int
+    vae_sha256: str = ""
+    classes: tuple[str, ...] = ()
+
+
 @dataclass
 class Dataset:
-    """An in-memory (or memory-mapped) split pair. ``labels`` are None for unlabeled data."""
+    """An in-memory (or memory-mapped) split pair. ``labels`` are None for unlabeled data;
+    ``latent`` says how to decode VAE latents (None for pixels and for latents without metadata)."""
 
     name: str
     train_x: Tensor
@@ -55,6 +70,7 @@ class Dataset:
     test_y: Tensor | None
     num_classes: int = 0
     kind: str = "image"  # "image" | "latent" | "points"
+    latent: LatentInfo | None = None
 
     @property
     def shape(self) -> tuple[int, ...]:
@@ -229,13 +245,44 @@ def image_folder(
     )
 
 
+#: bench.encode's metadata file beside the latent shards.
+LATENTS_META = "latents.json"
+
+
+def latents_meta(folder: Path) -> dict | None:
+    """The ``latents.json`` in ``folder`` (None for shards written without one)."""
+    path = folder / LATENTS_META
+    if not path.is_file():
+        return None
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise UserError(f"cannot read {path} ({e}); re-run python -m bench.encode") from e
+
+
 def latents(
     path: str | None = None, test_fraction: float = 0.02, conditional: bool = False, **_
 ) -> Dataset:
     """VAE latent shards: ``*.npz`` with arrays ``latents`` (N, C, H, W) and optional ``labels``,
-    or ``*.npy`` holding latents only. Shards are read in sorted order."""
+    or ``*.npy`` holding latents only. With bench.encode's ``latents.json`` the shards it lists
+    are read (refused while encoding is unfinished) and the dataset carries its ``LatentInfo``;
+    without it every shard in the folder is read in sorted order. The last ``test_fraction`` is
+    held out (bench.encode stores the images in a seeded random order, so that is a random split)."""
     folder = _existing_dir(path, "latents")
-    shards = sorted(p for p in folder.iterdir() if p.suffix in (".npy", ".npz"))
+    meta = latents_meta(folder)
+    if meta is not None and not meta.get("complete"):
+        raise UserError(
+            f"the latents in {folder} are unfinished ({len(meta.get('shards', []))} shards so far); "
+            "re-run the same python -m bench.encode command to finish them"
+        )
+    if meta is not None:
+        shards = [folder / name for name in meta["shards"]]
+        if missing := [p.name for p in shards if not p.is_file()]:
+            raise UserError(
+                f"latent shard {folder / missing[0]} listed in {LATENTS_META} is missing"
+            )
+    else:
+        shards = sorted(p for p in folder.iterdir() if p.suffix in (".npy", ".npz"))
     if not shards:
         raise UserError(f"dataset path {str(folder)!r} holds no .npy or .npz latent shards")
     xs, ys = [], []
@@ -258,6 +305,16 @@ def latents(
     y = None if any(a is None for a in ys) else torch.from_numpy(np.concatenate(ys)).long()
     n_test = max(1, int(len(x) * test_fraction))
     num_classes = int(y.max()) + 1 if y is not None else 0
+    info = None
+    if meta is not None:
+        info = LatentInfo(
+            vae=meta["vae"],
+            scaling_factor=float(meta["scaling_factor"]),
+            resolution=int(meta["resolution"]),
+            vae_sha256=meta.get("vae_sha256", ""),
+            classes=tuple(meta.get("classes", [])),
+        )
+        num_classes = max(num_classes, len(info.classes)) if y is not None else 0
     return Dataset(
         folder.name,
         x[:-n_test],
@@ -266,4 +323,5 @@ def latents(
         None if y is None else y[-n_test:],
         num_classes=num_classes,
         kind="latent",
+        latent=info,
     )

@@ -119,10 +119,17 @@ class Evaluator:
 
         if self.data.kind == "points":
             raise UserError(f"eval.fid=true needs images, but {self.data.name} holds 2-D points")
+        if self.data.kind == "latent" and self.decoder is None and self.data.latent is not None:
+            # Latents from bench.encode name their VAE and scale: decode with exactly those.
+            from bench.vae import VAEDecoder
+
+            info = self.data.latent
+            self.decoder = VAEDecoder(info.vae, info.scaling_factor).to(self.device).eval()
         if self.data.kind == "latent" and self.decoder is None:
             raise UserError(
                 "eval.fid=true on latents needs eval.decoder (a _target_ that maps latents to "
-                "images in [-1, 1], e.g. the VAE decoder the latents came from)"
+                "images in [-1, 1], e.g. bench.vae.VAEDecoder) or latents written by "
+                "python -m bench.encode, whose latents.json names the VAE"
             )
         name = "custom" if extractor is not None else "inception-v3-clean"
         if extractor is None:
@@ -179,6 +186,8 @@ class Evaluator:
                     "eval.fid_reference": f"{self.data.name} train ({stats.n} images), {path}",
                 }
             )
+            if self.decoder is not None:  # latents: which decoder made the images FID saw
+                p["eval.fid_decoder"] = getattr(self.decoder, "name", type(self.decoder).__name__)
         return p
 
     @torch.no_grad()
