@@ -7,7 +7,9 @@ The network predicts a velocity ``v = model(x, t, d, y)`` for the linear path
 * ``t``  the time in [0, 1], sinusoidal embedding of ``1000 t`` (the DiT/ADM scale),
 * ``d``  the step size the caller intends to take (shortcut models, Frans et al. 2025), embedded
          by its own MLP from ``log2(1/d)``; methods that ignore ``d`` pass the flow-matching level
-         ``d = 1/128``,
+         ``d = 1/128``. ``d_embedding="linear"`` embeds ``d`` itself like ``t`` instead, and
+         ``t_scale`` replaces the 1000 (MeanFlow: continuous ``d = t - r``, both unscaled, as its
+         JVP differentiates through them; methods/meanflow.py says why),
 * ``y``  a class label, or the null label ``num_classes`` (classifier-free guidance).
 
 The conditioning vector is ``c = emb_t(t) + emb_d(d) + emb_y(y)``; every block regresses its
@@ -47,7 +49,8 @@ def sinusoid(x: Tensor, dim: int, max_period: float = 10_000.0) -> Tensor:
     """ADM/DiT sinusoidal features of a batch of scalars ``x`` (N,) -> (N, dim)."""
     half = dim // 2
     freqs = torch.exp(-math.log(max_period) * torch.arange(half, device=x.device) / half)
-    args = x.float()[:, None] * freqs[None]
+    # float64 stays float64 (derivative checks against finite differences); the rest runs in fp32
+    args = (x if x.dtype == torch.float64 else x.float())[:, None] * freqs[None]
     return torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
 
 
@@ -66,6 +69,15 @@ class ScalarEmbedder(nn.Module):
 def step_level(d: Tensor) -> Tensor:
     """``log2(1/d)``: 0 for a single step of size 1, 7 for the flow-matching level 1/128."""
     return -torch.log2(d.float().clamp_min(2.0**-16))
+
+
+#: What the ``d`` embedder sees: ``level`` = log2(1/d) in [0, 7], spread over the same range as
+#: 1000 t; ``linear`` = d in [0, 1] itself, scaled like t (``t_scale``).
+D_EMBEDDINGS = ("level", "linear")
+
+
+def step_input(d: Tensor, how: str) -> Tensor:
+    return step_level(d) if how == "level" else d
 
 
 def sincos_2d(hidden: int, grid_h: int, grid_w: int) -> Tensor:
@@ -155,21 +167,27 @@ class DiT(nn.Module):
         mlp_ratio: float = 4.0,
         naive_attention: bool = False,
         name: str = "",
+        d_embedding: str = "level",
+        t_scale: float = 1000.0,
     ):
         super().__init__()
+        if d_embedding not in D_EMBEDDINGS:
+            raise ValueError(f"unknown d_embedding {d_embedding!r}; choose one of level, linear")
         channels, height, width = (int(s) for s in input_shape)
         if height % patch or width % patch:
             raise ValueError(f"input {height}x{width} is not divisible by patch size {patch}")
         self.input_shape = (channels, height, width)
         self.hidden, self.depth, self.heads, self.patch = hidden, depth, heads, patch
         self.mlp_ratio, self.num_classes, self.name = mlp_ratio, num_classes, name
+        self.d_embedding = d_embedding
         self.grid = (height // patch, width // patch)
 
         self.patch_embed = nn.Conv2d(channels, hidden, kernel_size=patch, stride=patch)
         self.register_buffer("pos", sincos_2d(hidden, *self.grid)[None], persistent=False)
-        self.t_embed = ScalarEmbedder(hidden, scale=1000.0)
-        # log2(1/d) in [0, 7] is spread over the same range as 1000 t.
-        self.d_embed = ScalarEmbedder(hidden, scale=1000.0 / 7)
+        self.t_embed = ScalarEmbedder(hidden, scale=t_scale)
+        # log2(1/d) in [0, 7] is spread over the same range as 1000 t; a linear d is scaled like t.
+        d_scale = 1000.0 / 7 if d_embedding == "level" else t_scale
+        self.d_embed = ScalarEmbedder(hidden, scale=d_scale)
         self.y_embed = nn.Embedding(num_classes + 1, hidden)  # row `num_classes` = null label
         self.blocks = nn.ModuleList(
             DiTBlock(hidden, heads, mlp_ratio, naive_attention) for _ in range(depth)
@@ -211,7 +229,8 @@ class DiT(nn.Module):
         if y is None:
             y = self.null_label(n, x.device)
         h = self.patch_embed(x).flatten(2).transpose(1, 2) + self.pos  # (N, T, D)
-        c = self.t_embed(t.expand(n)) + self.d_embed(step_level(d.expand(n))) + self.y_embed(y)
+        c = self.t_embed(t.expand(n)) + self.d_embed(step_input(d.expand(n), self.d_embedding))
+        c = c + self.y_embed(y)
         for block in self.blocks:
             h = block(h, c)
         return self.unpatchify(self.final(h, c))

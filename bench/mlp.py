@@ -12,7 +12,7 @@ import math
 import torch
 from torch import Tensor, nn
 
-from bench.dit import ScalarEmbedder, step_level
+from bench.dit import D_EMBEDDINGS, ScalarEmbedder, step_input
 
 
 class VelocityMLP(nn.Module):
@@ -23,14 +23,20 @@ class VelocityMLP(nn.Module):
         depth: int = 4,
         num_classes: int = 0,
         name: str = "mlp",
+        d_embedding: str = "level",  # "linear" and t_scale: as in bench.dit.DiT (MeanFlow)
+        t_scale: float = 1000.0,
     ):
         super().__init__()
+        if d_embedding not in D_EMBEDDINGS:
+            raise ValueError(f"unknown d_embedding {d_embedding!r}; choose one of level, linear")
+        self.d_embedding = d_embedding
         self.input_shape = tuple(int(s) for s in input_shape)
         self.num_classes, self.name, self.hidden, self.depth = num_classes, name, hidden, depth
         dim = math.prod(self.input_shape)
         self.x_in = nn.Linear(dim, hidden)
-        self.t_embed = ScalarEmbedder(hidden, scale=1000.0, freq_dim=64)
-        self.d_embed = ScalarEmbedder(hidden, scale=1000.0 / 7, freq_dim=64)
+        self.t_embed = ScalarEmbedder(hidden, scale=t_scale, freq_dim=64)
+        d_scale = 1000.0 / 7 if d_embedding == "level" else t_scale
+        self.d_embed = ScalarEmbedder(hidden, scale=d_scale, freq_dim=64)
         self.y_embed = nn.Embedding(num_classes + 1, hidden)
         layers: list[nn.Module] = []
         for _ in range(depth - 1):
@@ -45,7 +51,8 @@ class VelocityMLP(nn.Module):
         if y is None:
             y = torch.full((n,), self.num_classes, dtype=torch.long, device=x.device)
         h = self.x_in(x.flatten(1))
-        h = h + self.t_embed(t.expand(n)) + self.d_embed(step_level(d.expand(n))) + self.y_embed(y)
+        d_in = step_input(d.expand(n), self.d_embedding)
+        h = h + self.t_embed(t.expand(n)) + self.d_embed(d_in) + self.y_embed(y)
         return self.out(self.body(h)).view(x.shape)
 
     def gflops(self) -> float:

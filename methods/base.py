@@ -167,6 +167,11 @@ class Method(nn.Module):
     #: this: a DDP wrapper's gradient hooks would be bypassed, so under DDP the trainer hands the
     #: method the unwrapped module and all-reduces the gradients itself after the backward.
     explicit_grad_sync: bool = False
+    #: how the network embeds ``d`` and ``t`` (``bench.dit.DiT``; ``build`` passes both on): "level"
+    #: = log2(1/d) for the shortcut levels or "linear" = d itself, like t; the sinusoid scale of t
+    #: (MeanFlow, whose JVP differentiates through both, uses linear and 1.0)
+    d_embedding: str = "level"
+    t_scale: float = 1000.0
 
     def stage_starts(self, total_steps: int) -> list[int]:
         """The first optimizer step of each of the ``stages`` stages (stage 0 starts at 0; a

@@ -131,7 +131,7 @@ def test_a_corrupt_checkpoint_is_one_sentence(compose, mlflow_uri, tmp_path):
     [
         (
             ["method=foo"],
-            "unknown method 'foo'; choose one of: consistency, flow_matching, live_reflow, progressive_distillation, reflow, shortcut",
+            "unknown method 'foo'; choose one of: consistency, flow_matching, live_reflow, meanflow, progressive_distillation, reflow, shortcut",
         ),
         (["-m", "size=tiny,XXL"], "unknown size 'XXL'; choose one of: B, L, S, XL, mlp, tiny"),
         (
