@@ -41,8 +41,9 @@ The JVP differentiates through the embeddings of ``t`` and ``d``, so both are ch
   0.34 / 0.23 unscaled (flow matching's collapse to the mean costs 1.12); without an EMA the
   per-element error on ``r != t`` rows stayed above 100 at 1000, near 2 unscaled.
 
-Guidance is folded into training (paper sec. 4.2, official ``guidance_fn``): on rows with a real
-label and ``t`` in ``guidance_interval``, ``v`` is replaced everywhere (target and JVP tangent) by
+Guidance is folded into training (the paper's CFG section, official ``guidance_fn``): on rows
+with a real label and ``t`` in ``guidance_interval``, ``v`` is replaced everywhere (target and JVP
+tangent) by
 ``v~ = omega v + kappa u(z_t, t, 0 | y) + (1 - omega - kappa) u(z_t, t, 0 | null)``, from the
 online network without gradient. Sampling is then unguided: ``N`` in {1, 2, ..., 128} Euler steps
 ``z <- z + (1/N) u(z, i/N, 1/N)``, ``N`` evaluations, no CFG doubling.
@@ -56,7 +57,7 @@ ratio (r != t rows)  0.25 (paper Table 1)            0.25 (``data_proportion`` 0
 time_sampler         logit_normal(-0.4, 1.0) in the  same; (logit-normal(-2, 2), or separate
                      paper's time (paper Table 1)    t and r laws)
 p                    1.0 (paper Table 1)             1.0; (0.75)
-c                    1e-3 (paper sec. 4.3)           0.01; (1e-3)
+c                    1e-3 (paper)                    0.01; (1e-3)
 omega, kappa         1.0, 0.0 (guidance off)         1.0, 0.5 (effective scale 2 on B/4)
 guidance_interval    [0, 1] (everywhere)             [0, 1] in the paper's time
 label_dropout        0.1 (both)                      0.1
@@ -102,7 +103,7 @@ class MeanFlow(Method):
     # The JVP goes through torch.func, which bypasses a DDP wrapper's hooks: under DDP the trainer
     # hands us the unwrapped network and all-reduces the gradients itself.
     explicit_grad_sync = True
-    d_embedding = "linear"
+    d_embedding, t_scale = "linear", 1.0  # bench.run.build builds the network with these
 
     def __init__(
         self,
@@ -156,7 +157,7 @@ class MeanFlow(Method):
         self.ratio, self.time_sampler = ratio, time_sampler
         self.time_mu, self.time_sigma, self.p, self.c = time_mu, time_sigma, p, c
         self.omega, self.kappa, self.interval = omega, kappa, (lo, hi)
-        self.label_dropout, self.t_scale = label_dropout, t_scale  # t_scale: for bench.run.build
+        self.label_dropout, self.t_scale = label_dropout, t_scale
 
     # -- training ------------------------------------------------------------------------------
     def split(self, batch_size: int) -> int:
@@ -214,8 +215,8 @@ class MeanFlow(Method):
                 "cannot replay its JVP; use train.grad_checkpoint=false"
             )
         # Forward-mode AD has no rule for the flash / memory-efficient attention kernels: use the
-        # math kernel. Autocast off, in fp32, as the official PyTorch code does: the tangent
-        # carries 1000-scale time frequencies that bf16 would round away.
+        # math kernel. Autocast off: the JVP runs in fp32 under train.precision=bf16 too, as the
+        # official PyTorch code does (the target is a derivative; bf16 keeps ~3 digits).
         with sdpa_kernel(SDPBackend.MATH), torch.autocast(xt.device.type, enabled=False):
             u, dudt = torch.func.jvp(
                 lambda z, tt, dd: net(z, tt, dd, y),

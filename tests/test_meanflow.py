@@ -18,7 +18,7 @@ from methods.base import Nets
 from methods.flow_matching import FlowMatching
 from methods.meanflow import MeanFlow
 
-EMBEDDING = {"d_embedding": MeanFlow.d_embedding, "t_scale": MeanFlow().t_scale}
+EMBEDDING = {"d_embedding": MeanFlow.d_embedding, "t_scale": MeanFlow.t_scale}
 
 
 def random_dit(dtype=torch.float32, num_classes=0, seed=0):
@@ -38,7 +38,7 @@ def random_mlp(dim=2, seed=0, **kw):
     return net
 
 
-# -- (1) the JVP target against central finite differences ------------------------------------------
+# -- (1) the JVP target against central finite differences -----------------------------------------
 def test_jvp_target_matches_central_differences_along_the_trajectory():
     """Target ``v + d du/dt`` with ``du/dt`` the derivative of ``net(z + e v, t + e, d - e)`` at
     ``e = 0``: the start time moves along the trajectory, the end time ``s = t + d`` stays fixed."""
@@ -69,7 +69,7 @@ def test_jvp_target_matches_central_differences_along_the_trajectory():
     assert not torch.allclose(target, v + bcast(d, v) * wrong, atol=1e-2)
 
 
-# -- times: drawn in the paper's time, converted at the method's boundary ----------------------------
+# -- times: drawn in the paper's time, converted at the method's boundary --------------------------
 @pytest.mark.parametrize("sampler", ["logit_normal", "uniform"])
 def test_times_are_the_papers_draws_converted(sampler):
     """Paper (noise at 1): ``t', r'`` two draws, ``t' = max``, ``r' = min``, ``r' = t'`` on the
@@ -88,7 +88,7 @@ def test_times_are_the_papers_draws_converted(sampler):
     assert torch.all(d[:250] > 0) and torch.all(d[250:] == 0) and torch.all(t + d <= 1)
 
 
-# -- (2) r = t on every row: flow matching ----------------------------------------------------------
+# -- (2) r = t on every row: flow matching ---------------------------------------------------------
 class IgnoresD(torch.nn.Module):
     """A network that ignores ``d``, so flow matching's level and MeanFlow's 0 give one field."""
 
@@ -139,7 +139,7 @@ def test_ratio_zero_is_flow_matching():
         torch.testing.assert_close(a, 2 * b)
 
 
-# -- (3) a closed form: Gaussian data ----------------------------------------------------------------
+# -- (3) a closed form: Gaussian data --------------------------------------------------------------
 MU, STD = (
     torch.tensor([2.0, -1.0], dtype=torch.float64),
     torch.tensor([0.5, 1.5], dtype=torch.float64),
@@ -241,7 +241,7 @@ def test_activation_checkpointing_is_refused_in_one_sentence():
         MeanFlow().loss(Nets(net, net), Batch(torch.randn(2, 1, 8, 8)), 0)
 
 
-# -- guidance folded into the target ----------------------------------------------------------------
+# -- guidance folded into the target ---------------------------------------------------------------
 def test_guided_velocity_mixes_conditional_and_unconditional_at_d_zero():
     # u(., y) = y + 1 for a real label, -1 for the null label 3
     net = Analytic(
@@ -281,7 +281,7 @@ def test_stated_cost_is_the_counted_calls_plus_one_tangent_per_row(kw, guided_ro
     assert online.forward_equivalents() / 64 + 1 == mf.cost()["forward_equivalents_per_sample"]
 
 
-# -- (5) sampling ------------------------------------------------------------------------------------
+# -- (5) sampling ----------------------------------------------------------------------------------
 @pytest.mark.parametrize("n", [1, 2])
 def test_sampling_takes_steps_of_one_over_n_with_n_evaluations(n):
     net = Analytic(lambda x, t, d, y: bcast(t, x) + 1.0)
@@ -302,7 +302,7 @@ def test_budget_must_be_a_power_of_two_up_to_128(steps):
         MeanFlow().sample(Analytic(lambda x, t, d, y: x), torch.zeros(2, 2), steps)
 
 
-# -- (6) configuration and the CLI -------------------------------------------------------------------
+# -- (6) configuration and the CLI -----------------------------------------------------------------
 def test_config_builds_meanflow_on_a_linear_d_embedding(compose):
     data, net, method, _ = build(compose("method=meanflow"))
     assert isinstance(method, MeanFlow) and method.explicit_grad_sync
