@@ -38,9 +38,10 @@ def compose_cfg(*overrides: str):
         return compose(config_name="config", overrides=list(overrides))
 
 
-def make_trainer(cfg, run_dir: Path, world: ddp.World = ddp.SINGLE, explicit_sync=False):
+def make_trainer(cfg, run_dir: Path, world: ddp.World = ddp.SINGLE, explicit_sync=None):
     data, net, method, conditional = build(cfg)
-    method.explicit_grad_sync = explicit_sync
+    if explicit_sync is not None:  # force the other gradient path than the method's own
+        method.explicit_grad_sync = explicit_sync
     meta = {"identity": "test", "model": net.name}
     return Trainer(
         net, method, data, cfg.train, run_dir, torch.device("cpu"), conditional, meta, world=world
@@ -74,13 +75,20 @@ def assert_close(a: dict, b: dict, what: str, atol: float) -> None:
 
 @pytest.mark.parametrize(
     "method,explicit_sync",
-    [("flow_matching", False), ("shortcut", False), ("flow_matching", True)],
-    ids=["flow_matching-ddp_wrapper", "shortcut-ddp_wrapper", "flow_matching-explicit_allreduce"],
+    [("flow_matching", None), ("shortcut", None), ("flow_matching", True), ("meanflow", None)],
+    ids=[
+        "flow_matching-ddp_wrapper",
+        "shortcut-ddp_wrapper",
+        "flow_matching-explicit_allreduce",
+        "meanflow-jvp_explicit_allreduce",  # MeanFlow's own path: torch.func.jvp, no DDP hooks
+    ],
 )
 def test_two_gloo_processes_train_the_single_process_run_with_the_same_global_batch(
     tmp_path, method, explicit_sync
 ):
     overrides = [f"method={method}", "train.steps=4", *FAST]
+    if method == "meanflow":
+        assert build(compose_cfg(*overrides))[2].explicit_grad_sync
     single = make_trainer(compose_cfg(*overrides, "train.grad_accum=2"), tmp_path / "one")
     (tmp_path / "one").mkdir()
     single.fit()
