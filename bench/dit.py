@@ -34,6 +34,7 @@ import math
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
 
 #: DiT paper sizes, hidden / depth / heads (Table 1).
 SIZES: dict[str, tuple[int, int, int]] = {
@@ -169,6 +170,7 @@ class DiT(nn.Module):
         name: str = "",
         d_embedding: str = "level",
         t_scale: float = 1000.0,
+        grad_checkpoint: bool = False,
     ):
         super().__init__()
         if d_embedding not in D_EMBEDDINGS:
@@ -181,6 +183,9 @@ class DiT(nn.Module):
         self.mlp_ratio, self.num_classes, self.name = mlp_ratio, num_classes, name
         self.d_embedding = d_embedding
         self.grid = (height // patch, width // patch)
+        # Recompute each block's activations in the backward instead of storing them (memory for
+        # time, e.g. DiT-XL at large batch); the forward's values are unchanged.
+        self.grad_checkpoint = grad_checkpoint
 
         self.patch_embed = nn.Conv2d(channels, hidden, kernel_size=patch, stride=patch)
         self.register_buffer("pos", sincos_2d(hidden, *self.grid)[None], persistent=False)
@@ -232,7 +237,10 @@ class DiT(nn.Module):
         c = self.t_embed(t.expand(n)) + self.d_embed(step_input(d.expand(n), self.d_embedding))
         c = c + self.y_embed(y)
         for block in self.blocks:
-            h = block(h, c)
+            if self.grad_checkpoint and torch.is_grad_enabled():
+                h = checkpoint(block, h, c, use_reentrant=False)
+            else:
+                h = block(h, c)
         return self.unpatchify(self.final(h, c))
 
     def gflops(self) -> float:

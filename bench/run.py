@@ -26,6 +26,7 @@ import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf, open_dict
 
+from bench import accel
 from bench import distributed as ddp
 from bench.budget import steps_for_budget, training_budget
 from bench.errors import EXIT_PREEMPTED, EXIT_USER_ERROR, UserError
@@ -133,6 +134,7 @@ def build(cfg: DictConfig):
         d_embedding=method.d_embedding,  # how the method embeds d and t (MeanFlow: linear, 1.0)
         t_scale=method.t_scale,
     )
+    accel.prepare_model(net, cfg.train)  # train.grad_checkpoint, train.compile
     return data, net, method, conditional
 
 

@@ -163,7 +163,8 @@ class Consistency(Method):
             c = HUBER_C * math.sqrt(diff.shape[1])
             per_row = (diff.square().sum(1) + c * c).sqrt() - c
         loss = per_row.mean()
-        k = torch.tensor(float(self.level(step)), device=loss.device)
+        # torch.full fills on the device; torch.tensor(..., device=cuda) would copy and sync
+        k = torch.full((), float(self.level(step)), device=loss.device)
         return loss, {"loss/consistency": loss.detach(), "consistency/k": k}
 
     # -- sampling ------------------------------------------------------------------------------
