@@ -14,11 +14,19 @@ from pathlib import Path
 from omegaconf import DictConfig, OmegaConf
 
 IDENTITY_KEYS = ("data", "size", "method", "train", "seed")
+#: ``train`` keys that change how a run is trained or shown, never its weights: logging and
+#: checkpoint intervals (resume is bitwise), progress bars, compilation and gradient
+#: checkpointing (same values, other speed/memory). ``precision`` and ``tf32`` do round
+#: differently, so they stay in.
+NOT_IDENTITY = ("log_every", "ckpt_every", "progress", "compile", "grad_checkpoint")
 
 
 def identity_config(cfg: DictConfig) -> dict:
     resolved = OmegaConf.to_container(cfg, resolve=True)
-    return {k: resolved[k] for k in IDENTITY_KEYS if k in resolved}
+    out = {k: resolved[k] for k in IDENTITY_KEYS if k in resolved}
+    if isinstance(out.get("train"), dict):
+        out["train"] = {k: v for k, v in out["train"].items() if k not in NOT_IDENTITY}
+    return out
 
 
 def identity_hash(cfg: DictConfig) -> str:

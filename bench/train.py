@@ -29,7 +29,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from bench import checkpoint
+from bench import accel, checkpoint
 from bench import distributed as ddp
 from bench.data import Dataset
 from bench.ema import EMA
@@ -169,6 +169,9 @@ class Trainer:
         )
         rate = cfg.ema_rate if method.ema_rate is None else method.ema_rate
         self.ema = EMA(net, rate, cfg.ema_warmup and method.ema_rate is None)
+        accel.configure(device, cfg)  # TF32 on CUDA (train.tf32)
+        accel.compile_model(self.ema.net, cfg.get("compile"))  # the deepcopy dropped compilation
+        self.precision = accel.resolve_precision(device, cfg.get("precision") or "auto")
         # The network the loss calls: DDP's wrapper (gradient all-reduce overlapped with the
         # backward) unless the method goes through torch.func, which would bypass its hooks.
         self.wrapped = net
@@ -271,7 +274,9 @@ class Trainer:
                 # DDP all-reduces during the last micro-batch's backward only.
                 sync = micro == accum - 1 or self.wrapped is net
                 with contextlib.nullcontext() if sync else self.wrapped.no_sync():
-                    loss, logs = self.method.loss(train_nets, batch, self.step)
+                    # bf16 autocast (CUDA) around the forwards only; fp32 master weights.
+                    with accel.autocast(self.device, self.precision):
+                        loss, logs = self.method.loss(train_nets, batch, self.step)
                     (loss / accum).backward()
                 for k, v in {"loss": loss.detach(), **logs}.items():
                     sums[k] = sums.get(k, 0.0) + v / accum
