@@ -17,6 +17,7 @@ from __future__ import annotations
 import copy
 import functools
 import logging
+import os
 import sys
 import time
 from pathlib import Path
@@ -85,6 +86,19 @@ def pick_device(name: str) -> torch.device:
     if name not in ("cpu", "cuda"):
         raise UserError(f"unknown device {name!r}; choose one of: auto, cpu, cuda")
     return torch.device(name)
+
+
+def use_deterministic(setting, device: torch.device) -> None:
+    """``deterministic``: ``auto`` is on for CPUs (bitwise resume, docs/FAILURES.md) and off for
+    GPUs, where deterministic kernels cost speed and resume is exact only up to float tolerance."""
+    if setting not in ("auto", True, False):
+        raise UserError(
+            f"deterministic={setting!r} is not allowed; choose one of auto, true, false"
+        )
+    on = device.type != "cuda" if setting == "auto" else setting
+    if on and device.type == "cuda":  # cuBLAS is deterministic only with a fixed workspace
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    torch.use_deterministic_algorithms(on, warn_only=True)
 
 
 def make(node: DictConfig, **kwargs):
@@ -298,9 +312,9 @@ def job(
     """One job. ``preemption`` (installed by ``main``) carries stop signals to the training loop
     and the evaluation loop; without it a signal has its default effect. Under DDP (``world``,
     bench.distributed) every process trains; rank 0 alone logs, writes and evaluates."""
-    torch.use_deterministic_algorithms(True, warn_only=True)
     apply_compute_budget(cfg)  # before the identity: the derived steps are part of it
     device = ddp.device_for(world, pick_device(cfg.device))
+    use_deterministic(cfg.get("deterministic", "auto"), device)
     ddp.init(world, device)
     data, net, method, conditional = build(cfg)
     check_batch_split(cfg.train, world)  # before the MLflow run exists

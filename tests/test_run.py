@@ -192,3 +192,22 @@ def test_the_multirun_from_the_issue(tmp_path):
     df = runs(f"sqlite:///{tmp_path}/m.db")
     assert sorted(df["tags.size"]) == ["S/2", "tiny/4"] and (df["status"] == "FINISHED").all()
     assert torch.cuda.is_available() or (df["tags.device"] == "cpu").all()
+
+
+def test_deterministic_auto_is_on_for_cpu_and_a_bad_value_is_one_sentence():
+    import torch
+
+    from bench.run import use_deterministic
+
+    before = torch.are_deterministic_algorithms_enabled()
+    try:
+        use_deterministic(False, torch.device("cpu"))
+        assert not torch.are_deterministic_algorithms_enabled()
+        use_deterministic("auto", torch.device("cpu"))
+        assert torch.are_deterministic_algorithms_enabled()
+        with pytest.raises(
+            UserError, match="deterministic='yes' is not allowed; choose one of auto, true, false"
+        ):
+            use_deterministic("yes", torch.device("cpu"))
+    finally:
+        torch.use_deterministic_algorithms(before)
