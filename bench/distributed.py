@@ -10,7 +10,8 @@ sees with ``grad_accum = W * accum``: same global batch, same result up to float
 
 Where the rank comes from, in this order:
 * torchrun (or any launcher that sets ``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``, ``MASTER_ADDR``);
-* a SLURM job step with more than one task (``srun``, or submitit with ``tasks_per_node > 1``):
+* a SLURM job step with more than one task (``srun``, or submitit with ``tasks_per_node > 1``;
+  not the batch script itself, which is one process whatever ``--ntasks`` says):
   ``submitit.helpers.TorchDistributedEnvironment`` exports the same variables from SLURM's.
 Otherwise the run is one process and nothing here does anything.
 
@@ -59,7 +60,10 @@ def detect() -> World:
     if "RANK" in env and "WORLD_SIZE" in env:
         rank, size = int(env["RANK"]), int(env["WORLD_SIZE"])
         return World(rank, int(env.get("LOCAL_RANK", rank)), size)
-    if int(env.get("SLURM_NTASKS", "1")) > 1 and "SLURM_PROCID" in env:
+    # SLURM_STEP_NUM_TASKS, not SLURM_NTASKS: a batch script of an `sbatch -n 4` job sees
+    # SLURM_NTASKS=4 too, but it is one process (measured on the test cluster); srun steps,
+    # submitit's included, set the step's task count.
+    if int(env.get("SLURM_STEP_NUM_TASKS", "1")) > 1 and "SLURM_PROCID" in env:
         from submitit.helpers import TorchDistributedEnvironment
 
         # Exports MASTER_ADDR (the first node), MASTER_PORT (from the job id), RANK, WORLD_SIZE,
@@ -145,7 +149,10 @@ class DataParallel(DistributedDataParallel):
 
 def wrap(net: torch.nn.Module, device: torch.device) -> DataParallel:
     """The DDP wrapper: gradients are all-reduced in buckets while the backward still runs."""
-    return DataParallel(net, device_ids=[device] if device.type == "cuda" else None)
+    # broadcast_buffers=False: the only buffers are the DiT's fixed positions (no BatchNorm).
+    return DataParallel(
+        net, device_ids=[device] if device.type == "cuda" else None, broadcast_buffers=False
+    )
 
 
 def average_gradients(params, world: World) -> None:

@@ -144,6 +144,10 @@ class Evaluator:
             "n": str(len(self.data.train_x)),
             "decoded": str(self.decoder is not None),
         }
+        if self.decoder is not None:  # other decoder (or VAE weights), other reference images
+            key["decoder"] = str(getattr(self.decoder, "name", type(self.decoder).__name__))
+            if self.data.latent is not None and self.data.latent.vae_sha256:
+                key["vae_sha256"] = str(self.data.latent.vae_sha256)
         stats, path = clean_fid.reference_stats(
             self.data.train_x,
             key,

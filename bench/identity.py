@@ -21,12 +21,27 @@ IDENTITY_KEYS = ("data", "size", "method", "train", "seed")
 NOT_IDENTITY = ("log_every", "ckpt_every", "progress", "compile", "grad_checkpoint")
 
 
-def identity_config(cfg: DictConfig) -> dict:
+def identity_config(cfg: DictConfig, effective: bool = True) -> dict:
+    """The config that decides the weights; ``effective=False`` keeps ``train.grad_accum`` as the
+    user set it (MLflow params) instead of the micro-batches over all processes (the hash)."""
     resolved = OmegaConf.to_container(cfg, resolve=True)
     out = {k: resolved[k] for k in IDENTITY_KEYS if k in resolved}
     if isinstance(out.get("train"), dict):
-        out["train"] = {k: v for k, v in out["train"].items() if k not in NOT_IDENTITY}
+        train = {k: v for k, v in out["train"].items() if k not in NOT_IDENTITY}
+        # What decides the weights is the number of micro-batches a step is cut into, processes x
+        # grad_accum (bench.distributed): 8 GPUs with grad_accum=1 are the run of 4 GPUs with 2,
+        # and of one process with 8 -- and not the run of one process with 1.
+        if effective and "grad_accum" in train:
+            train["grad_accum"] = int(train["grad_accum"]) * world_size()
+        out["train"] = train
     return out
+
+
+def world_size() -> int:
+    """Processes training this run (1 unless a torch.distributed process group is up)."""
+    import torch.distributed as dist
+
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
 
 
 def identity_hash(cfg: DictConfig) -> str:

@@ -14,6 +14,7 @@ mark the MLflow run KILLED and exit 3 (docs/FAILURES.md lists every failure and 
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import functools
 import logging
@@ -194,7 +195,7 @@ def record_preemption(e: Preempted, tracker, state_path: Path, state: dict) -> N
     write_state(state_path, {**state, "status": "preempted", "preempted": str(e)})
 
 
-def resolve_teacher(cfg: DictConfig, method, net, world: ddp.World = ddp.SINGLE):
+def resolve_teacher(cfg: DictConfig, method, net, world: ddp.World = ddp.SINGLE, preemption=None):
     """Attach the teacher the method's config names (trained first when no finished run with its
     identity exists), or explain why a teacher is required or refused."""
     from bench import teacher as teachers
@@ -210,7 +211,11 @@ def resolve_teacher(cfg: DictConfig, method, net, world: ddp.World = ddp.SINGLE)
             f"{name} needs a teacher: set method.teacher.method (e.g. flow_matching) or method.teacher.checkpoint"
         )
     found = teachers.resolve(
-        cfg, net, lambda: copy.deepcopy(net), functools.partial(job, world=world), world
+        cfg,
+        net,
+        lambda: copy.deepcopy(net),
+        functools.partial(job, preemption=preemption, world=world),
+        world,
     )
     if found is not None:
         method.attach_teacher(found.net.to(next(net.parameters()).device))
@@ -259,7 +264,7 @@ def open_run(cfg, data, net, device, conditional, identity: str, rd: Path, state
     OmegaConf.save(
         OmegaConf.create(redact(OmegaConf.to_container(cfg, resolve=True))), rd / "config.yaml"
     )
-    tracker.log_params(flatten(identity_config(cfg)))
+    tracker.log_params(flatten(identity_config(cfg, effective=False)))
     tracker.set_tags(
         {
             **standard_tags(cfg, identity, net.name, device),
@@ -284,6 +289,8 @@ def apply_compute_budget(cfg: DictConfig) -> None:
     from bench import teacher as teachers
 
     method = make_method(cfg)
+    if cfg.method.get("teacher"):  # a teacher's forwards are part of the per-sample cost (CD)
+        method.attach_teacher(torch.nn.Identity())
     spent, tcfg = 0.0, teachers.teacher_config(cfg)
     if tcfg is not None:
         tsteps, tbatch = int(tcfg.train.steps), int(tcfg.train.batch_size)
@@ -342,7 +349,7 @@ def job(
         ddp.main_ready(world, failed=True)
         raise
     ddp.main_ready(world)
-    teacher = resolve_teacher(cfg, method, net, world)
+    teacher = resolve_teacher(cfg, method, net, world, preemption)
     if teacher is not None:
         tracker.set_tags({"teacher_run_id": teacher.run_id, "teacher_source": teacher.source})
     trainer = Trainer(
@@ -397,30 +404,33 @@ def job(
             f"evaluating {missing or 'nothing more'}",
             flush=True,
         )
-    for steps in cfg.eval.budgets:
-        if str(steps) in done:
-            results[steps] = done[str(steps)]
-            continue
-        if preemption is not None and preemption.requested:  # between budgets: each one is saved
-            e = Preempted(
-                preemption.signal_name,
-                trainer.step,
-                f"evaluated budgets {sorted(map(int, done))} are saved",
-            )
-            record_preemption(e, tracker, state_path, state)
-            raise e
-        r = evaluator.evaluate(method, eval_net, steps)
-        tracker.log_metrics(r.metrics)
-        if cfg.eval.grids and (
-            grid := save_grid(r.samples, rd / "grids" / f"steps_{steps}.png", data.kind)
-        ):
-            tracker.log_artifact(grid, "grids")
-        if cfg.eval.save_samples:
-            save_samples(r.samples, evaluator.y, rd / "samples" / f"steps_{steps}.npz")
-        results[steps] = r.metrics
-        done[str(steps)] = r.metrics
-        state.setdefault("evaluated", {})[key] = done
-        write_state(state_path, state)  # a crash mid-evaluation keeps the budgets already done
+    # Budgets are watched for stop signals between them (each finished one is saved).
+    with preemption.watching() if preemption else contextlib.nullcontext():
+        for steps in cfg.eval.budgets:
+            if str(steps) in done:
+                results[steps] = done[str(steps)]
+                continue
+            # Between budgets: each finished one is saved.
+            if preemption is not None and preemption.requested:
+                e = Preempted(
+                    preemption.signal_name,
+                    trainer.step,
+                    f"evaluated budgets {sorted(map(int, done))} are saved",
+                )
+                record_preemption(e, tracker, state_path, state)
+                raise e
+            r = evaluator.evaluate(method, eval_net, steps)
+            tracker.log_metrics(r.metrics)
+            if cfg.eval.grids and (
+                grid := save_grid(r.samples, rd / "grids" / f"steps_{steps}.png", data.kind)
+            ):
+                tracker.log_artifact(grid, "grids")
+            if cfg.eval.save_samples:
+                save_samples(r.samples, evaluator.y, rd / "samples" / f"steps_{steps}.npz")
+            results[steps] = r.metrics
+            done[str(steps)] = r.metrics
+            state.setdefault("evaluated", {})[key] = done
+            write_state(state_path, state)  # a crash mid-evaluation keeps the budgets already done
 
     if cfg.eval.interpolation:
         grid = interpolation_grid(
@@ -444,7 +454,7 @@ def train_on_rank(cfg, net, method, data, conditional, device, meta, preemption,
     """A process of rank > 0: the same training steps as rank 0 (its share of every batch), no
     tracking, no files, no evaluation. It reads the checkpoint rank 0 wrote to resume."""
     ddp.main_ready(world)  # rank 0 has opened the run (or failed to)
-    resolve_teacher(cfg, method, net, world)
+    resolve_teacher(cfg, method, net, world, preemption)
     trainer = Trainer(
         net,
         method,

@@ -20,6 +20,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
+import os
 import signal
 import threading
 import time
@@ -78,10 +79,33 @@ class Preemption:
     def __init__(self, signals: tuple[int, ...] = SIGNALS):
         self.signals = signals
         self.signum: int | None = None
+        self.armed = 0  # how many watching loops are active
         self._previous: dict[int, object] = {}
 
     def _handle(self, signum, frame) -> None:
-        self.signum = signum
+        if self.armed:
+            self.signum = signum  # acted on at the end of the step / budget
+        else:  # no loop is watching (setup, a teacher's evaluation): what would have happened
+            self._pass_on(signum, frame)
+
+    def _pass_on(self, signum, frame) -> None:
+        previous = self._previous.get(signum)
+        if callable(previous):  # submitit's: requeue and exit on its signal, log SIGTERM
+            previous(signum, frame)
+        elif previous != signal.SIG_IGN:  # the default action: terminate
+            signal.signal(signum, signal.SIG_DFL)
+            os.kill(os.getpid(), signum)
+
+    @contextlib.contextmanager
+    def watching(self):
+        """``with p.watching():`` around a loop that checks ``requested`` often (training, the
+        evaluation budgets); outside one, a signal takes the effect it would have had without
+        us, so a time-limit signal during setup still gets submitit's requeue."""
+        self.armed += 1
+        try:
+            yield self
+        finally:
+            self.armed -= 1
 
     @property
     def requested(self) -> bool:
@@ -235,12 +259,17 @@ class Trainer:
 
     def fit(self, stop_at: int | None = None) -> None:
         """Train to ``cfg.steps`` (or to ``stop_at``, for tests that simulate an interruption)."""
-        cfg, net, world = self.cfg, self.net, self.world
+        cfg = self.cfg
         end = min(cfg.steps, stop_at) if stop_at is not None else cfg.steps
         accum = int(cfg.get("grad_accum", 1))
-        parts = world.size * accum  # micro-batches per optimizer step, over all processes
+        parts = self.world.size * accum  # micro-batches per optimizer step, over all processes
         if self.step >= end:
             return
+        with self.preemption.watching() if self.preemption else contextlib.nullcontext():
+            self._fit(end, accum, parts)
+
+    def _fit(self, end: int, accum: int, parts: int) -> None:
+        cfg, net, world = self.cfg, self.net, self.world
         stage = None
         net.train()
         train_nets = Nets(self.wrapped, self.ema.net)
@@ -296,8 +325,8 @@ class Trainer:
             # processes agree on it (and on the loss) at logging boundaries only: that is where
             # they synchronise anyway, and SLURM signals minutes before it kills.
             stop = self.preemption is not None and self.preemption.requested
-            if world.distributed and (log_now or save_now):
-                stop = ddp.any_true(stop, world)
+            if world.distributed:  # a rank's own flag never decides alone: the others would hang
+                stop = ddp.any_true(stop, world) if log_now or save_now else False
             log_now, save_now = log_now or stop, save_now or stop
             if log_now or save_now:
                 means = self.interval_means(sums, count)  # the one sync per interval

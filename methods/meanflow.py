@@ -214,6 +214,13 @@ class MeanFlow(Method):
                 "train.grad_checkpoint=true does not work with MeanFlow: activation checkpointing "
                 "cannot replay its JVP; use train.grad_checkpoint=false"
             )
+        if any(getattr(m, "_compiled_call_impl", None) is not None for m in net.modules()):
+            # Not that it is known to fail: that compiled code keeps forward-mode tangents right
+            # has not been checked here, and a wrong tangent is a silently wrong target.
+            raise UserError(
+                "train.compile does not work with MeanFlow here: torch.compile under torch.func.jvp "
+                "is untested in this harness; use train.compile=false"
+            )
         # Forward-mode AD has no rule for the flash / memory-efficient attention kernels: use the
         # math kernel. Autocast off: the JVP runs in fp32 under train.precision=bf16 too, as the
         # official PyTorch code does (the target is a derivative; bf16 keeps ~3 digits).

@@ -122,3 +122,16 @@ def test_a_compute_budget_run_trains_the_derived_steps(tmp_path, mlflow_uri):
     )
     assert r.returncode == 2
     assert "less than one step (24); raise compute_budget" in r.stderr
+
+
+def test_consistency_distillation_pays_for_its_teacher_forwards(compose):
+    from bench.run import apply_compute_budget, make_method
+
+    cfg = compose(
+        "+experiment=compute_matched", "method=consistency", "+method.teacher.method=flow_matching"
+    )
+    apply_compute_budget(cfg)
+    # 5 per row (CD: + one teacher forward) after the teacher's 1,000 x 128 x 3 = 384,000.
+    assert cfg.train.steps == (1_024_000 - 384_000) // (128 * 5) == 1000
+    assert cfg.method.teacher.train.steps == 1000
+    assert make_method(cfg).cost()["forward_equivalents_per_sample"] == 4  # no teacher yet

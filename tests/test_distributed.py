@@ -127,11 +127,14 @@ def test_a_batch_that_does_not_split_over_the_processes_is_refused(tmp_path):
 
 
 def test_world_detection_reads_torchrun_and_slurm_variables(monkeypatch):
-    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "SLURM_NTASKS", "SLURM_PROCID"):
+    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "SLURM_STEP_NUM_TASKS", "SLURM_PROCID"):
         monkeypatch.delenv(k, raising=False)
     assert ddp.detect() == ddp.SINGLE
-    monkeypatch.setenv("SLURM_NTASKS", "1")  # a one-task SLURM job is one process
+    # The batch script of `sbatch -n 2` (what the test cluster sets there): one process.
+    monkeypatch.setenv("SLURM_NTASKS", "2")
     monkeypatch.setenv("SLURM_PROCID", "0")
+    assert ddp.detect() == ddp.SINGLE
+    monkeypatch.setenv("SLURM_STEP_NUM_TASKS", "1")  # a one-task srun step is one process
     assert ddp.detect() == ddp.SINGLE
     monkeypatch.setenv("RANK", "3")
     monkeypatch.setenv("WORLD_SIZE", "4")
@@ -191,6 +194,7 @@ def test_torchrun_with_two_processes_logs_one_run_and_matches_grad_accum_2(tmp_p
 
     (rd2,) = (tmp_path / "two" / "runs").iterdir()
     (rd1,) = (tmp_path / "one" / "runs").iterdir()
+    assert rd2.name == rd1.name  # one identity: 2 processes x 1 = 1 process x 2 micro-batches
     state = json.loads((rd2 / "state.json").read_text())
     assert state["status"] == "finished"
     c2, c1 = checkpoint.load(rd2 / "checkpoint.pt"), checkpoint.load(rd1 / "checkpoint.pt")

@@ -476,3 +476,23 @@ def test_a_secret_in_the_config_reaches_neither_params_nor_artifacts(compose, ml
     assert not any("hf_SECRET" in v for v in run.data.params.values())
     local = Path(client.download_artifacts(run.info.run_id, "config.yaml", str(tmp_path)))
     assert "hub_token: '***'" in local.read_text() and "hf_SECRET" not in local.read_text()
+
+
+def test_a_signal_outside_a_watched_loop_goes_to_the_handler_that_was_there_before():
+    """submitit installs its SIGUSR2 handler (requeue, exit) before our job runs. Inside a watched
+    loop (training, the evaluation budgets) the signal is only recorded, and ``forward`` hands it
+    on once the checkpoint is saved; outside one (setup, a teacher's evaluation) it goes straight
+    to the earlier handler, so a time-limit signal there still gets submitit's requeue."""
+    seen = []
+    before = signal.signal(signal.SIGUSR2, lambda signum, frame: seen.append(signum))
+    try:
+        with Preemption() as preemption:
+            signal.raise_signal(signal.SIGUSR2)  # nobody is watching: the earlier handler runs
+            assert seen == [signal.SIGUSR2] and not preemption.requested
+            with preemption.watching():
+                signal.raise_signal(signal.SIGUSR2)  # a loop is watching: recorded only
+            assert seen == [signal.SIGUSR2] and preemption.requested
+        preemption.forward()  # after the checkpoint: the earlier handler gets it
+        assert seen == [signal.SIGUSR2, signal.SIGUSR2]
+    finally:
+        signal.signal(signal.SIGUSR2, before)

@@ -241,6 +241,16 @@ def test_activation_checkpointing_is_refused_in_one_sentence():
         MeanFlow().loss(Nets(net, net), Batch(torch.randn(2, 1, 8, 8)), 0)
 
 
+def test_a_compiled_network_is_refused_in_one_sentence():
+    from bench import accel
+
+    net = accel.compile_model(
+        random_dit(), "default"
+    )  # train.compile=default (lazy: no compile yet)
+    with pytest.raises(UserError, match="train.compile does not work with MeanFlow here"):
+        MeanFlow().loss(Nets(net, net), Batch(torch.randn(2, 1, 8, 8)), 0)
+
+
 # -- guidance folded into the target ---------------------------------------------------------------
 def test_guided_velocity_mixes_conditional_and_unconditional_at_d_zero():
     # u(., y) = y + 1 for a real label, -1 for the null label 3

@@ -173,7 +173,10 @@ def test_the_launcher_presets_compose_and_are_accepted_names(tmp_path):
     # submitit's files go under paths.root, beside Hydra's job folders
     folder = OmegaConf.to_container(launcher, resolve=True)["submitit_folder"]
     assert folder.startswith(f"{tmp_path}/hydra/multirun_") and folder.endswith("/.submitit/%j")
-    assert launcher.setup == ["export OMP_NUM_THREADS=2 MKL_NUM_THREADS=2"]
+    assert launcher.setup == [
+        "export OMP_NUM_THREADS=2 MKL_NUM_THREADS=2",
+        "export SLURM_KILL_BAD_EXIT=1",
+    ]
     local = hydra_cfg(tmp_path, "hydra/launcher=local").hydra.launcher
     assert local._target_.endswith("basic_launcher.BasicLauncher")
     check_choices(["-m", "hydra/launcher=slurm,local,submitit_local"])
@@ -387,6 +390,7 @@ def test_a_two_task_slurm_job_trains_one_run_with_ddp(slurm, tmp_path):
     )
     assert one.returncode == 0, one.stderr[-4000:]
     (a,), (b,) = (list((root / "runs").iterdir()) for root in (on_slurm, local))
+    assert a.name == b.name  # one identity: 2 tasks x 1 = 1 process x 2 micro-batches
     sa, sb = checkpoint.load(a / "checkpoint.pt"), checkpoint.load(b / "checkpoint.pt")
     assert sa["step"] == sb["step"] == 4
     for k in sa["net"]:
