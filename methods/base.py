@@ -79,9 +79,14 @@ def regression_loss(net: nn.Module, r: Regression, lead: str) -> tuple[Tensor, d
     return err.mean(), logs
 
 
+def bcast(s: Tensor, x: Tensor) -> Tensor:
+    """Per-row scalars ``s`` (N,) shaped to broadcast against ``x`` (N, ...)."""
+    return s.view(-1, *([1] * (x.dim() - 1)))
+
+
 def interpolate(x0: Tensor, x1: Tensor, t: Tensor) -> Tensor:
     """``x_t = (1 - t) x0 + t x1`` with ``t`` of shape (N,) broadcast over the sample dims."""
-    t = t.view(-1, *([1] * (x0.dim() - 1)))
+    t = bcast(t, x0)
     return (1 - t) * x0 + t * x1
 
 
@@ -91,7 +96,7 @@ def two_step_average(
     """The velocity of one step of size ``2d`` built from two of size ``d`` (shortcut bootstrap,
     progressive-distillation target): ``(v(x_t, t) + v(x_t + d v(x_t, t), t + d)) / 2``, with the
     midpoint and the result clipped to ``[-clip, clip]`` when ``clip`` is set."""
-    dd = d.view(-1, *([1] * (xt.dim() - 1)))
+    dd = bcast(d, xt)
     v1 = velocity(xt, t)
     x_mid = xt + dd * v1
     if clip is not None:

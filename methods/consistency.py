@@ -64,15 +64,11 @@ from bench.data import Batch
 from bench.dit import FLOW_MATCHING_LEVEL
 from bench.errors import UserError
 from bench.guidance import drop_labels, guided_velocity
-from methods.base import Method, Nets, Regression, interpolate
+from methods.base import Method, Nets, Regression, bcast, interpolate
 
 CURRICULUM_LEVELS = 7  # CT steps d = 2^-k, k = 0..6
 DISTILL_LEVEL = 7  # CD: d = 1/128, the teacher's flow-matching level
 HUBER_C = 0.00054  # iCT: c = 0.00054 sqrt(dim)
-
-
-def _bcast(s: Tensor, x: Tensor) -> Tensor:
-    return s.view(-1, *([1] * (x.dim() - 1)))
 
 
 class Consistency(Method):
@@ -150,8 +146,8 @@ class Consistency(Method):
                 x_next = xt + d * v
                 if self.clip is not None:
                     x_next = x_next.clamp(-self.clip, self.clip)
-            x1_hat = x_next + _bcast(1 - (t + d), xt) * target_net(x_next, t + d, one, y)
-            target = (x1_hat - xt) / _bcast(1 - t, xt)
+            x1_hat = x_next + bcast(1 - (t + d), xt) * target_net(x_next, t + d, one, y)
+            target = (x1_hat - xt) / bcast(1 - t, xt)
         return Regression(xt=xt, t=t, d=one, y=y, target=target, num_consistency=n)
 
     def loss(self, nets: Nets, batch: Batch, step: int) -> tuple[Tensor, dict[str, Tensor]]:

@@ -80,13 +80,9 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from bench.data import Batch
 from bench.errors import UserError
 from bench.guidance import drop_labels
-from methods.base import Method, Nets, interpolate
+from methods.base import Method, Nets, bcast, interpolate
 
 TIME_SAMPLERS = ("logit_normal", "uniform")
-
-
-def bcast(s: Tensor, x: Tensor) -> Tensor:
-    return s.view(-1, *([1] * (x.dim() - 1)))
 
 
 def number(name: str, value) -> float:

@@ -9,6 +9,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from methods.base import bcast  # noqa: F401 -- the tests' per-row broadcast is the methods' own
+
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG_DIR = ROOT / "sweeps"
 
@@ -79,8 +81,3 @@ class Analytic(torch.nn.Module):
         self.calls.append((x.clone(), t.clone(), d.clone(), None if y is None else y.clone()))
         self.rows += n
         return self.f(x, t, d, y)
-
-
-def bcast(s, x):
-    """Per-row scalars (N,) broadcast against x (N, ...)."""
-    return s.view(-1, *([1] * (x.dim() - 1)))
