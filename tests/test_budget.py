@@ -34,15 +34,13 @@ def measured(method, batch_size=700, y=None):
     ],
 )
 def test_stated_cost_equals_counted_calls(method):
-    assert measured(method) == pytest.approx(method.cost()["forward_equivalents_per_sample"])
+    assert measured(method) == pytest.approx(method.cost().per_sample)
 
 
 def test_baked_cfg_cost_matches_in_expectation():
     y = torch.randint(5, (7000,))
     sc = Shortcut(k_ratio=0.25, bake_cfg_scale=1.5)
-    assert measured(sc, 7000, y) == pytest.approx(
-        sc.cost()["forward_equivalents_per_sample"], rel=0.01
-    )
+    assert measured(sc, 7000, y) == pytest.approx(sc.cost().per_sample, rel=0.01)
 
 
 def test_training_budget_figures():
@@ -83,7 +81,7 @@ def test_the_compute_matched_experiment_gives_every_method_the_same_total(compos
             assert cfg.method.teacher.train.steps == 1000
             total += 1000 * 128 * 3
         # Spent to within one step of the budget, never above it.
-        per_step = cfg.train.batch_size * m.cost()["forward_equivalents_per_sample"]
+        per_step = cfg.train.batch_size * m.cost().per_sample
         assert cfg.compute_budget - per_step < total <= cfg.compute_budget, method
         totals[method] = steps
     assert totals == {
@@ -134,4 +132,4 @@ def test_consistency_distillation_pays_for_its_teacher_forwards(compose):
     # 5 per row (CD: + one teacher forward) after the teacher's 1,000 x 128 x 3 = 384,000.
     assert cfg.train.steps == (1_024_000 - 384_000) // (128 * 5) == 1000
     assert cfg.method.teacher.train.steps == 1000
-    assert make_method(cfg).cost()["forward_equivalents_per_sample"] == 4  # no teacher yet
+    assert make_method(cfg).cost().per_sample == 4  # no teacher yet

@@ -138,7 +138,7 @@ def test_a_corrupt_checkpoint_is_one_sentence(compose, mlflow_uri, tmp_path):
             ["data=mnist"],
             "unknown data 'mnist'; choose one of: digits16, image_folder, latents, shapes16, toy2d",
         ),
-        (["method.k_ratio=4"], "k_ratio=4 is outside [0, 1)"),
+        (["method.k_ratio=4"], "method.k_ratio=4 is not allowed: a number in [0, 1)"),
         (["eval.budgets=[1,3]"], "step budget 3 is not allowed for Shortcut"),
         (
             ["data=image_folder", "data.path=/nonexistent/images"],
