@@ -5,11 +5,12 @@ import json
 import mlflow
 import pytest
 import torch
-from conftest import run_cli
+from conftest import CONFIG_DIR, run_cli
 
 from bench.errors import UserError
 from bench.run import job
 
+METHODS = sorted(p.stem for p in (CONFIG_DIR / "method").glob("*.yaml"))
 TOY = [
     "train.steps=6",
     "train.batch_size=16",
@@ -131,7 +132,7 @@ def test_a_corrupt_checkpoint_is_one_sentence(compose, mlflow_uri, tmp_path):
     [
         (
             ["method=foo"],
-            "unknown method 'foo'; choose one of: consistency, flow_matching, live_reflow, meanflow, progressive_distillation, reflow, shortcut",
+            f"unknown method 'foo'; choose one of: {', '.join(METHODS)}",
         ),
         (["-m", "size=tiny,XXL"], "unknown size 'XXL'; choose one of: B, L, S, XL, mlp, tiny"),
         (
