@@ -23,6 +23,7 @@ import io
 import math
 import shutil
 import sys
+import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -226,16 +227,15 @@ class Contract:
 
 
 def contract_run(config_dir: Path, name: str, teacher: bool, work: Path) -> Contract:
-    steps = STEPS
-    cfg = method_config(config_dir, name, teacher, *TOY, f"train.steps={steps}")
+    cfg = method_config(config_dir, name, teacher, *TOY, f"train.steps={STEPS}")
     run = ToyRun(cfg, work / "run")
-    k = steps - RESUME_BEFORE_END
+    k = STEPS - RESUME_BEFORE_END
     run.fit(k)
     state = run.state()
-    run.fit(steps)
+    run.fit(STEPS)
     resumed = ToyRun(cfg, work / "run", teacher_net=run.teacher_net)
     resumed.resume(state, k)
-    resumed.fit(steps)
+    resumed.fit(STEPS)
     return Contract(run, resumed, k)
 
 
@@ -285,15 +285,19 @@ def assert_bad_budget_is_one_sentence(config_dir: Path, name: str, teacher: bool
 
 
 def bad_values(default, hint) -> list:
-    """Values the option's declared type refuses: a wrong type, then any bound overstepped."""
+    """Values the option's declared type refuses: a wrong type, an integer not among integer
+    choices, and each bound overstepped (an open bound: the bound itself)."""
     wrong = ["no-such-choice"] if isinstance(default, str) else ["abc"]
-    for h in typing.get_args(hint) or [hint]:  # X | None: the bounds of X
-        h = h if typing.get_origin(h) is typing.Annotated else hint
+    union = typing.get_origin(hint) in (typing.Union, types.UnionType)
+    for h in typing.get_args(hint) if union else [hint]:  # X | None: the bounds of X
+        if typing.get_origin(h) is typing.Literal and all(type(c) is int for c in h.__args__):
+            wrong.append(max(h.__args__) + 1)
         if typing.get_origin(h) is typing.Annotated:
             base, *meta = typing.get_args(h)
+            step = 1 if base is int else 0.5
             for r in (m for m in meta if isinstance(m, options.Range)):
-                step = 1 if base is int else 0.5
-                wrong += [r.lo - step] if r.lo is not None else [r.hi + step]
+                wrong += [] if r.lo is None else [r.lo if r.lo_open else r.lo - step]
+                wrong += [] if r.hi is None else [r.hi if r.hi_open else r.hi + step]
     return wrong
 
 
