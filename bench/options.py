@@ -16,7 +16,11 @@ allowed, in words derived from the hint::
 
 Why hints and not hand-written checks: the signature is where a reader looks for an option, and
 one checker gives every option the same strictness (a bool is not an int, a string is not a
-number, NaN is not in any range) and the same message.
+number, NaN is not in any range) and the same message. Why not Hydra structured configs (a
+dataclass per method registered as the group's schema): the options would be declared twice, in
+the dataclass and in the constructor; OmegaConf checks types (choices only as Enums) but not
+ranges, and its errors are multi-line ``ValidationError``s in its own words; and a schema changes
+how the YAML composes. A dataclass can still be the spec of a plain config group (``validate``).
 
 Understood: ``bool``, ``int``, ``float`` (an int is accepted and returned as a float; NaN and
 infinities are refused), ``str``, ``Literal[...]``, ``X | None`` and other unions, ``tuple[X, Y]``
