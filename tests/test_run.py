@@ -1,6 +1,7 @@
 """End to end: a job trains, evaluates and logs to MLflow; the CLI refuses bad input clearly."""
 
 import json
+import re
 
 import mlflow
 import pytest
@@ -72,6 +73,44 @@ def test_a_job_trains_evaluates_and_logs_everything(compose, mlflow_uri, tmp_pat
         assert f"metrics.{name}/steps_4" in final.index and f"metrics.{name}/floor" in final.index
     assert final["tags.eval.extractor_hash"] and "KID" in final["tags.eval.other_metrics"]
     assert "metrics.fd/train/steps_4" in runs(mlflow_uri).columns
+
+
+def first_row(out: str) -> list[float]:
+    """The numbers of the 1-step row of the printed results table."""
+    (row,) = [l for l in out.splitlines() if re.match(r"\s+1\s+1\s", l)]
+    return [float(v) for v in row.split()]
+
+
+def test_stored_results_are_reused_only_under_the_same_protocol(
+    compose, mlflow_uri, tmp_path, capsys
+):
+    """Another feature extractor is another protocol: a finished run evaluated in pixel-PCA
+    features and then asked for random-CNN features computes the new numbers instead of
+    reporting the stored pixel-PCA ones under the new extractor's name; asked for pixel-PCA
+    again, it reuses what it stored for that protocol."""
+    common = [
+        *TOY[:-1],
+        "eval.budgets=[1]",
+        "eval.interpolation=false",
+        f"paths.root={tmp_path}",
+        f"tracking.uri={mlflow_uri}",
+    ]
+    job(compose(*common, "eval.features=pixel_pca"))
+    pca = capsys.readouterr().out
+    assert "extractor=pixel-pca" in pca
+
+    job(compose(*common, "eval.features=random_cnn", "eval_only=true"))
+    cnn = capsys.readouterr().out
+    assert "extractor=random-cnn" in cnn and "already evaluated" not in cnn
+    assert first_row(cnn)[2:4] != first_row(pca)[2:4]  # FD(train), FD(test) measured anew
+    run = runs(mlflow_uri).iloc[0]
+    assert run["tags.eval.extractor"] == "random-cnn"
+    assert run["metrics.fd/train/steps_1"] == pytest.approx(first_row(cnn)[2], abs=0.006)
+
+    job(compose(*common, "eval.features=pixel_pca", "eval_only=true"))
+    again = capsys.readouterr().out
+    assert "evaluating nothing more" in again
+    assert first_row(again)[2:7] == first_row(pca)[2:7]
 
 
 def test_toy2d_with_the_mlp_reports_point_metrics(compose, mlflow_uri, tmp_path):
