@@ -19,7 +19,6 @@ import fcntl
 import os
 import re
 import socket
-import subprocess
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -124,20 +123,6 @@ def first_contact(uri: str) -> Iterator[None]:
         ) from e
 
 
-def git_commit() -> str:
-    try:
-        root = Path(__file__).resolve().parents[1]
-        return subprocess.run(
-            ["git", "-C", str(root), "rev-parse", "--short=12", "HEAD"],
-            capture_output=True,
-            text=True,
-            timeout=5,
-            check=True,
-        ).stdout.strip()
-    except (OSError, subprocess.SubprocessError):
-        return "unknown"
-
-
 class Tracker:
     def __init__(
         self,
@@ -219,7 +204,8 @@ class Tracker:
 
 
 def standard_tags(cfg, identity: str, net_name: str, device) -> dict[str, str]:
-    """DESIGN.md's tags: method, size, data, seed, k_ratio, config hash, git commit, host, device."""
+    """The tags every run carries: method, size, data, seed, k_ratio, config hash, host, device
+    (the git commit is provenance: ``bench.record``)."""
     method = cfg.method._target_.rsplit(".", 1)[0].rsplit(".", 1)[-1]
     return {
         "method": method,
@@ -228,7 +214,6 @@ def standard_tags(cfg, identity: str, net_name: str, device) -> dict[str, str]:
         "seed": str(cfg.seed),
         "k_ratio": str(cfg.method.get("k_ratio", "")),
         "config_hash": identity,
-        "git_commit": git_commit(),
         "host": socket.gethostname(),
         "device": str(device),
         "pid": str(os.getpid()),

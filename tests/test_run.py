@@ -236,7 +236,7 @@ def test_the_multirun_from_the_issue(tmp_path):
 def test_deterministic_auto_is_on_for_cpu_and_a_bad_value_is_one_sentence():
     import torch
 
-    from bench.run import use_deterministic
+    from bench.build import use_deterministic
 
     before = torch.are_deterministic_algorithms_enabled()
     try:
