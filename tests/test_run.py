@@ -113,6 +113,29 @@ def test_stored_results_are_reused_only_under_the_same_protocol(
     assert first_row(again)[2:7] == first_row(pca)[2:7]
 
 
+def test_the_reuse_key_changes_with_every_setting_that_changes_the_numbers(compose):
+    from bench.build import make_evaluator
+    from bench.data import digits16
+
+    data = digits16()
+
+    def key(*overrides):
+        cfg = compose("eval.features=pixel_pca", "eval.num_samples=64", *overrides)
+        return make_evaluator(cfg, data, torch.device("cpu"), False).reuse_key()
+
+    base = key()
+    assert key() == base  # stable: the same settings find the stored results
+    changed = [
+        key("eval.features=random_cnn"),
+        key("eval.weights=online"),
+        key("eval.batch_size=32"),  # a sampler may draw per batch (consistency's re-noising)
+        key("eval.seed=7"),
+        key("eval.num_samples=32"),
+    ]
+    assert base not in changed and len(set(changed)) == len(changed)
+    assert key("eval.budgets=[1]", "eval.grids=false") == base  # what is evaluated, not how
+
+
 def test_toy2d_with_the_mlp_reports_point_metrics(compose, mlflow_uri, tmp_path):
     cfg = compose(
         "+experiment=toy_control",
@@ -163,6 +186,8 @@ def test_a_corrupt_checkpoint_is_one_sentence(compose, mlflow_uri, tmp_path):
     ckpt.write_bytes(ckpt.read_bytes()[:1000])
     with pytest.raises(UserError, match="truncated or corrupt"):
         job(cfg)
+    run = runs(mlflow_uri).iloc[0]  # reopened, then ended with the reason: not left RUNNING
+    assert run["status"] == "FAILED" and "truncated or corrupt" in run["tags.failure"]
 
 
 @pytest.mark.parametrize(
