@@ -14,8 +14,8 @@ crash reads as empty: the checkpoint and MLflow are the truth, and the next star
 
 Provenance: every start tags the git commit of the code (``git_commit``) and whether its tracked
 files differ from that commit (``git_dirty``); a dirty tree's ``git diff HEAD`` is logged as an
-artifact (``provenance/<commit>-<hash of the diff>.diff``, tag ``git_diff``), so a number can be
-traced to the exact code that produced it. Untracked files are not part of the diff.
+artifact (``provenance/<commit>-<hash of the diff>.diff``, named by the tag ``git_diff``), so a
+number can be traced to the exact code that produced it. Untracked files are not in the diff.
 """
 
 from __future__ import annotations
@@ -131,8 +131,11 @@ class RunRecord:
             self.record_provenance()
 
     def record_provenance(self, root: Path = CODE_ROOT) -> None:
+        """Tag the commit of the code this start runs and whether its tracked files differ from
+        it; a dirty tree's diff becomes an artifact (``git_diff`` names it, ``none`` when clean)."""
         commit, diff = provenance(root)
-        tags = {"git_commit": commit, "git_dirty": str(bool(diff)).lower()}
+        dirty = "unknown" if commit == "unknown" else str(bool(diff)).lower()
+        tags = {"git_commit": commit, "git_dirty": dirty, "git_diff": "none"}
         if diff:
             name = f"{commit}-{hashlib.sha256(diff.encode()).hexdigest()[:12]}.diff"
             path = self.dir / "provenance" / name

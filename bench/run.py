@@ -1,4 +1,4 @@
-"""``python -m bench.run``: one job = build -> train (resumable) -> evaluate at every budget -> record.
+"""``python -m bench.run``: one job = build -> train (resumable) -> evaluate every budget -> record.
 
 Hydra composes the config from ``sweeps/`` (groups ``data``, ``size``, ``method``, ``train``,
 ``eval``; named grids in ``experiment``); ``-m`` turns any comma list into a sweep, launched by
@@ -98,8 +98,8 @@ def job(
     except BaseException:
         ddp.main_ready(world, failed=True)
         raise
-    ddp.main_ready(world)
     with record:  # from here on any error ends the MLflow run FAILED (KILLED) with its reason
+        ddp.main_ready(world)  # the other ranks may start
         trainer = train(cfg, parts, record, preemption, world)
         results = evaluator.run(parts.method, trainer.nets, record, preemption, trainer.step)
         record.finished()
