@@ -22,6 +22,7 @@ import hashlib
 import json
 import time
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor, nn
@@ -31,6 +32,9 @@ from bench.grids import interpolation_grid, save_grid, save_samples
 from bench.metrics.suites import Suite
 from bench.preemption import Preempted, Preemption
 from methods.base import Nets
+
+if TYPE_CHECKING:  # the record imports the trainer; the evaluator needs neither at run time
+    from bench.record import RunRecord
 
 #: Bumped whenever a metric's definition changes: stored results of another version are
 #: recomputed on the next run instead of being reported beside new ones.
@@ -136,7 +140,12 @@ class Evaluator:
         return BudgetResult(steps, m, samples)
 
     def run(
-        self, method, nets: Nets, record, preemption: Preemption | None = None, step: int = 0
+        self,
+        method,
+        nets: Nets,
+        record: RunRecord,
+        preemption: Preemption | None = None,
+        step: int = 0,
     ) -> dict[int, dict[str, float]]:
         """The evaluation phase: every budget not yet in ``record`` under this protocol, saved one
         by one; returns the metrics of every budget. ``step``: the training step the weights are
@@ -178,7 +187,7 @@ class Evaluator:
         print(self.table(results), flush=True)
         return results
 
-    def keep(self, r: BudgetResult, record) -> None:
+    def keep(self, r: BudgetResult, record: RunRecord) -> None:
         """A budget's sample grid (an MLflow artifact) and sample file, as configured."""
         name = f"steps_{r.steps}"
         if self.grids and (
