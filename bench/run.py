@@ -377,7 +377,7 @@ def job(
         record_preemption(e, tracker, state_path, state)
         raise
     tracker.set_tags({"train.steps_done": str(trainer.step)})
-    # Training budget (DESIGN.md "Budget accounting"): samples seen, network forward-equivalents
+    # Training budget (docs/methods.md): samples seen, network forward-equivalents
     # (a backward counts as two forwards; the method states its per-sample cost), wall time
     # summed over every invocation that trained.
     state["train_wall_s"] = state.get("train_wall_s", 0.0) + (time.perf_counter() - tick)

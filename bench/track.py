@@ -1,4 +1,4 @@
-"""MLflow tracking (schema in DESIGN.md): one MLflow run per job, found again by its run id.
+"""MLflow tracking (schema in README.md): one MLflow run per job, found again by its run id.
 
 Params are the run's identity config (flattened); evaluation settings and the metric protocol are
 tags, because they may change when a finished run is re-evaluated and MLflow params are immutable.
@@ -8,7 +8,7 @@ logging into the run it started. The default store needs no server; any ``MLFLOW
 
 The first contact with the store (``first_contact``) is where the failure modes live: a fresh
 sqlite file is created and migrated under an exclusive file lock (parallel jobs that first touch
-it otherwise race on the migrations, ENVIRONMENT.md), and a store that cannot be reached is one
+it otherwise race on the migrations, docs/install.md), and a store that cannot be reached is one
 sentence within seconds instead of minutes of HTTP retries. Config keys that name a secret
 (password, secret, token, key, ...) are logged as ``***``.
 """
@@ -219,7 +219,7 @@ class Tracker:
 
 
 def standard_tags(cfg, identity: str, net_name: str, device) -> dict[str, str]:
-    """DESIGN.md's tags: method, size, data, seed, k_ratio, config hash, git commit, host, device."""
+    """Standard tags: method, size, data, seed, k_ratio, config hash, git commit, host, device."""
     method = cfg.method._target_.rsplit(".", 1)[0].rsplit(".", 1)[-1]
     return {
         "method": method,
