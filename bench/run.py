@@ -158,8 +158,9 @@ def train(
         )
     with record.training():
         trainer.fit()
-    # Training budget: samples seen, network forward-equivalents (a backward counts as two
-    # forwards; the method states its per-sample cost), wall time over every start that trained.
+    # Training budget (docs/methods.md): samples seen, network forward-equivalents (a backward
+    # counts as two forwards; the method states its per-sample cost), wall time over every start
+    # that trained.
     budget = training_budget(parts.method, trainer.step, cfg.train.batch_size)
     if teacher is not None:  # the teacher's own training is part of what this result cost
         budget["budget/teacher_forward_equivalents"] = teacher.forward_equivalents

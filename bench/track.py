@@ -1,4 +1,4 @@
-"""MLflow tracking (schema in the README, "Where results go"): one MLflow run per job, found
+"""MLflow tracking (schema in README.md, "Where results go"): one MLflow run per job, found
 again by its run id; ``bench.record`` decides what is logged and when.
 
 Params are the run's identity config (flattened); evaluation settings and the metric protocol are
@@ -9,9 +9,9 @@ logging into the run it started. The default store needs no server; any ``MLFLOW
 
 The first contact with the store (``first_contact``) is where the failure modes live: a fresh
 sqlite file is created and migrated under an exclusive file lock (parallel jobs that first touch
-it otherwise race on the migrations: 1 job in 4 failed when we tried), and a store that cannot
-be reached is one sentence within seconds instead of minutes of HTTP retries. Config keys that
-name a secret (password, secret, token, key, ...) are logged as ``***``.
+it otherwise race on the migrations, docs/install.md), and a store that cannot be reached is one
+sentence within seconds instead of minutes of HTTP retries. Config keys that name a secret
+(password, secret, token, key, ...) are logged as ``***``.
 """
 
 from __future__ import annotations

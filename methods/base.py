@@ -5,7 +5,7 @@ says what a step budget costs (``nfe``) and what a training step costs (``cost``
 holds extra networks (a teacher, a target) keeps them as sub-modules so checkpoints carry them;
 the online and EMA networks the trainer owns arrive in ``Nets``.
 
-Time convention for the whole project (METHODS.md): ``t = 0`` is noise ``x0 ~ N(0, I)``,
+Time convention for the whole project (docs/methods.md): ``t = 0`` is noise ``x0 ~ N(0, I)``,
 ``t = 1`` is data ``x1``, ``x_t = (1 - t) x0 + t x1``, velocity ``v = x1 - x0``.
 """
 

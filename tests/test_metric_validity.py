@@ -1,4 +1,4 @@
-"""Does the metric measure quality? Six checks, plus the clean-fid code path.
+"""Does the metric measure quality? The six checks of docs/evaluation.md, plus the clean-fid path.
 
 1. real vs real sits at the floor, and KID is within 2 sigma of 0;
 2. blur and noise ladders give strictly increasing FD;
