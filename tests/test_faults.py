@@ -23,10 +23,12 @@ import torch
 from conftest import ROOT, run_cli
 
 from bench import checkpoint
+from bench.build import build
 from bench.errors import EXIT_PREEMPTED, UserError
-from bench.run import build, check_choices, job
+from bench.preemption import Preempted, Preemption
+from bench.run import check_choices, job
 from bench.track import REDACTED, flatten, is_secret
-from bench.train import Preempted, Preemption, Trainer
+from bench.train import Trainer
 
 ONE_THREAD = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
 # 60 steps of 16 images take ~3 s: long enough to be killed mid-training, short enough for CI.
