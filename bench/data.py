@@ -4,7 +4,7 @@ Images live in [-1, 1] as ``(C, H, W)``; low-dimensional data as ``(D,)``. Batch
 i.i.d. with a generator seeded by ``(seed, step)``, so a resumed run sees exactly the batches an
 uninterrupted run would, with no data-loader state to checkpoint.
 
-Datasets (EVALUATION.md has the measured facts):
+Datasets (docs/evaluation.md has the measured facts):
 * ``digits16``  sklearn's 8x8 digits, /16, bilinear to 16x16, stratified 1347/450 split, 10 labels.
 * ``shapes16``  procedural anti-aliased disks, squares and triangles in colour on black, 3 labels.
 * ``toy2d``     8gaussians, moons, checkerboard (2-D points).

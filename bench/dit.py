@@ -16,9 +16,9 @@ The conditioning vector is ``c = emb_t(t) + emb_d(d) + emb_y(y)``; every block r
 LayerNorm shift/scale and a residual gate from ``c`` (adaLN-Zero, gates initialised to zero so every
 block starts as the identity). Positions are fixed 2-D sin-cos; attention is torch SDPA.
 
-Differences from the official shortcut-models JAX DiT, on purpose (METHODS.md, "warts"):
-queries are scaled by ``1/sqrt(head_dim)`` (SDPA), ``t`` is scaled to [0, 1000] before the
-sinusoid, and the per-block adaLN layers are zero-initialised.
+Differences from the official shortcut-models JAX DiT, on purpose (docs/methods.md, "The official
+DiT's warts"): queries are scaled by ``1/sqrt(head_dim)`` (SDPA), ``t`` is scaled to [0, 1000]
+before the sinusoid, and the per-block adaLN layers are zero-initialised.
 
 Parameter count: the DiT paper's table (33M / 130M / 458M / 675M for S/2, B/2, L/2, XL/2 on
 32x32x4, 1000 classes, learned sigma) plus our ``d`` embedder, which adds ``256 D + D^2 + 2 D``

@@ -1,8 +1,8 @@
 """Exponential moving average of the network weights.
 
 ``theta_ema <- r theta_ema + (1 - r) theta``. With ``warmup`` the rate is
-``r_s = min(r, (1 + s) / (10 + s))`` at step ``s``: METHODS.md records a short CPU run where the
-paper's constant 0.999 left the EMA near the zero-initialised output after 1,100 steps, so the
+``r_s = min(r, (1 + s) / (10 + s))`` at step ``s``: docs/methods.md records a short CPU run where
+the paper's constant 0.999 left the EMA near the zero-initialised output after 1,100 steps, so the
 shortcut bootstrap targets were near zero (FD 838 at one step against 59 with the warm-up).
 """
 

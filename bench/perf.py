@@ -5,10 +5,9 @@
     benchmarks/gpu_check.sh                                   # every GPU measurement of issue #9
 
 For every size, variant (a set of speed switches, ``bench/accel.py``) and method it times the
-method's full training step on a batch already on the device, with the trainer's own optimizer
-and EMA (``bench.train.Trainer``) and the trainer's step order (``train_step`` repeats it:
-learning rate, zero_grad, reseed, loss under autocast, backward, clip, AdamW, EMA, after_step),
-and reports
+method's full training step on a batch already on the device: the trainer's own optimizer step
+(``bench.train.Trainer.train_step``: learning rate, zero_grad, reseed, loss under autocast,
+backward, gradient sync, clip, AdamW, EMA, after_step), and reports
 
 * ms/step and images/s; the step's FLOPs from the DiT's own count (``DiT.gflops``: multiply-adds,
   x 2 for FLOPs) times the method's forward-equivalents (``Method.cost``); the FLOP ratio to flow
@@ -27,13 +26,9 @@ run keeps what it measured), and with ``record`` into this device kind's section
 from __future__ import annotations
 
 import copy
-import gc
 import json
-import resource
 import sys
 import tempfile
-import time
-import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -43,12 +38,13 @@ from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
 from bench import accel
+from bench.build import CONFIG_DIR, make, make_method, pick_device
 from bench.data import Batch
 from bench.errors import EXIT_USER_ERROR, UserError
 from bench.perf_report import FM, SWITCHES, fmt, markdown, protocol, record, summarise
-from bench.run import CONFIG_DIR, make, make_method, pick_device
-from bench.train import Trainer, step_seed
-from methods.base import Method, Nets, check_budget
+from bench.timing import free, host_syncs, peak_memory_gib, profile, timed
+from bench.train import Trainer
+from methods.base import Method, check_budget
 from methods.flow_matching import FlowMatching
 
 DEFAULTS = {  # device type -> values of the keys left null
@@ -170,90 +166,6 @@ def build_method(cfg: DictConfig, name: str, train: DictConfig, net: nn.Module) 
 
 
 # -- measurement -----------------------------------------------------------------------------------
-def timed(fn, n: int, device: torch.device) -> float:
-    """Seconds for ``fn(0..n-1)``: CUDA events around the calls (after a sync), else host clock."""
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        for i in range(n):
-            fn(i)
-        end.record()
-        end.synchronize()
-        return start.elapsed_time(end) / 1e3
-    tick = time.perf_counter()
-    for i in range(n):
-        fn(i)
-    return time.perf_counter() - tick
-
-
-def host_syncs(fn, device: torch.device) -> int | None:
-    """Host-device synchronisations during ``fn()`` (CUDA's sync debug mode); None on CPU."""
-    if device.type != "cuda":
-        return None
-    torch.cuda.synchronize(device)
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        torch.cuda.set_sync_debug_mode("warn")
-        try:
-            fn()
-        finally:
-            torch.cuda.set_sync_debug_mode("default")
-    return sum("synchroniz" in str(w.message) for w in caught)
-
-
-def peak_memory_gib(device: torch.device) -> float:
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**30
-    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux, bytes on macOS
-    return rss / (2**30 if sys.platform == "darwin" else 2**20)
-
-
-def profile(fn, device: torch.device, steps: int = 3, top: int = 12) -> list[dict]:
-    """The operators with the most self time over ``steps`` calls (device time on CUDA)."""
-    from torch.profiler import ProfilerActivity
-
-    cuda = device.type == "cuda"
-    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
-    with torch.profiler.profile(activities=acts) as prof:
-        for i in range(steps):
-            fn(i)
-        if cuda:
-            torch.cuda.synchronize(device)
-    attr = ("self_device_time_total", "self_cuda_time_total") if cuda else ("self_cpu_time_total",)
-    us = lambda e: next(getattr(e, a) for a in attr if hasattr(e, a))  # noqa: E731
-    events = sorted((e for e in prof.key_averages() if us(e) > 0), key=lambda e: -us(e))
-    total = sum(us(e) for e in events) or 1.0
-    return [
-        {"op": e.key, "ms_per_step": us(e) / 1e3 / steps, "share": us(e) / total}
-        for e in events[:top]
-    ]
-
-
-def train_step(trainer: Trainer, nets: Nets, batch: Batch, precision: str):
-    """One optimizer step in ``Trainer.fit``'s order (one process, no accumulation); returns the
-    detached loss, left on the device."""
-    cfg, method, net, opt = trainer.cfg, trainer.method, trainer.net, trainer.opt
-    device = trainer.device
-
-    def step(i: int) -> torch.Tensor:
-        for group in opt.param_groups:
-            group["lr"] = cfg.lr * method.lr_factor(i, cfg.steps)
-        opt.zero_grad(set_to_none=True)
-        torch.manual_seed(step_seed(cfg.seed, i))
-        with accel.autocast(device, precision):
-            loss, _ = method.loss(nets, batch, i)
-        loss.backward()
-        if cfg.grad_clip:
-            nn.utils.clip_grad_norm_(net.parameters(), cfg.grad_clip)
-        opt.step()
-        trainer.ema.update(net, i)
-        method.after_step(nets, i)
-        return loss.detach()
-
-    return step
-
-
 def random_batch(n: int, shape, num_classes: int, device: torch.device) -> Batch:
     y = torch.randint(num_classes, (n,), device=device) if num_classes else None
     return Batch(torch.randn(n, *shape, device=device), y)
@@ -277,12 +189,13 @@ def measure_training(cfg, size, v, method_name, batch, shape, device, ctx) -> di
             meta={},
         )
         accel.compile_model(trainer.ema.net, v.compile, v.compile_backend)  # deepcopy dropped it
-        nets = Nets(trainer.net, trainer.ema.net)
-        method.begin_stage(0, nets, trainer.context(), True)
+        method.begin_stage(0, trainer.nets, trainer.context(), True)
         net.train()
-        step = train_step(
-            trainer, nets, random_batch(batch, shape, cfg.num_classes, device), v.precision
-        )
+        rows = random_batch(batch, shape, cfg.num_classes, device)
+
+        def step(_: int = 0) -> torch.Tensor:  # the timers pass the call's index
+            return trainer.train_step(rows)["loss"]
+
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
         total = torch.zeros((), device=device)
@@ -295,7 +208,7 @@ def measure_training(cfg, size, v, method_name, batch, shape, device, ctx) -> di
             run(i)
         seconds = timed(lambda i: run(ctx["warmup"] + i), ctx["iters"], device)
         finite = bool(torch.isfinite(total))  # the one read-back, after the clock stopped
-        syncs = host_syncs(lambda: step(0), device)
+        syncs = host_syncs(step, device)
         ops = profile(step, device) if ctx["profile"] else None
     fe = float(method.cost().per_sample)
     flops = 2 * net.gflops() * 1e9 * fe * batch  # multiply-adds x 2
@@ -369,15 +282,6 @@ def measure_row(cfg, size, v, method, batch, shape, device, ctx) -> dict:
         if not cfg.shrink_on_oom or batch == 1:
             return {**row, "status": f"out of memory at batch {batch}"}
         batch //= 2
-
-
-def free(device: torch.device) -> None:
-    """Release the last row's memory and compiled graphs: every row compiles afresh, so no row
-    runs eagerly because earlier rows filled the recompile limit."""
-    torch._dynamo.reset()
-    gc.collect()
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
 
 
 # -- the run ---------------------------------------------------------------------------------------

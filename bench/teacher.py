@@ -30,7 +30,7 @@ from bench import checkpoint
 from bench import distributed as ddp
 from bench.errors import UserError
 from bench.identity import run_dir
-from bench.state import STATE, read_state
+from bench.record import read_state
 from bench.train import CHECKPOINT
 
 CONFIG_DIR = Path(__file__).resolve().parents[1] / "sweeps"
@@ -107,8 +107,7 @@ def resolve(
     with open(locks / f"{rd.name}.lock", "w") as lock:
         if world.main:  # one trainer per teacher; other jobs wait, then load
             fcntl.flock(lock, fcntl.LOCK_EX)
-        state_path = rd / STATE
-        state = read_state(state_path)
+        state = read_state(rd)
         if ddp.any_true(world.main and state.get("status") != "finished", world):
             if world.main:
                 print(
@@ -117,7 +116,7 @@ def resolve(
                 )
             train_job(tcfg)
             ddp.barrier(world)  # rank 0 evaluates and marks it finished after the others stop
-            state = read_state(state_path)
+            state = read_state(rd)
         elif world.main:
             print(f"reusing the finished teacher {rd.name}", flush=True)
         net = _load(rd / CHECKPOINT, student, build)

@@ -1,4 +1,5 @@
-"""MLflow tracking (schema in DESIGN.md): one MLflow run per job, found again by its run id.
+"""MLflow tracking (schema in README.md, "Where results go"): one MLflow run per job, found
+again by its run id; ``bench.record`` decides what is logged and when.
 
 Params are the run's identity config (flattened); evaluation settings and the metric protocol are
 tags, because they may change when a finished run is re-evaluated and MLflow params are immutable.
@@ -8,7 +9,7 @@ logging into the run it started. The default store needs no server; any ``MLFLOW
 
 The first contact with the store (``first_contact``) is where the failure modes live: a fresh
 sqlite file is created and migrated under an exclusive file lock (parallel jobs that first touch
-it otherwise race on the migrations, ENVIRONMENT.md), and a store that cannot be reached is one
+it otherwise race on the migrations, docs/install.md), and a store that cannot be reached is one
 sentence within seconds instead of minutes of HTTP retries. Config keys that name a secret
 (password, secret, token, key, ...) are logged as ``***``.
 """
@@ -19,7 +20,6 @@ import fcntl
 import os
 import re
 import socket
-import subprocess
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -124,20 +124,6 @@ def first_contact(uri: str) -> Iterator[None]:
         ) from e
 
 
-def git_commit() -> str:
-    try:
-        root = Path(__file__).resolve().parents[1]
-        return subprocess.run(
-            ["git", "-C", str(root), "rev-parse", "--short=12", "HEAD"],
-            capture_output=True,
-            text=True,
-            timeout=5,
-            check=True,
-        ).stdout.strip()
-    except (OSError, subprocess.SubprocessError):
-        return "unknown"
-
-
 class Tracker:
     def __init__(
         self,
@@ -219,7 +205,8 @@ class Tracker:
 
 
 def standard_tags(cfg, identity: str, net_name: str, device) -> dict[str, str]:
-    """DESIGN.md's tags: method, size, data, seed, k_ratio, config hash, git commit, host, device."""
+    """The tags every run carries: method, size, data, seed, k_ratio, config hash, host, device
+    (the git commit is provenance: ``bench.record``)."""
     method = cfg.method._target_.rsplit(".", 1)[0].rsplit(".", 1)[-1]
     return {
         "method": method,
@@ -228,7 +215,6 @@ def standard_tags(cfg, identity: str, net_name: str, device) -> dict[str, str]:
         "seed": str(cfg.seed),
         "k_ratio": str(cfg.method.get("k_ratio", "")),
         "config_hash": identity,
-        "git_commit": git_commit(),
         "host": socket.gethostname(),
         "device": str(device),
         "pid": str(os.getpid()),

@@ -3,16 +3,17 @@
 AdamW on the online network, an EMA copy, gradient clipping when configured, gradient accumulation
 over ``grad_accum`` micro-batches (off by default), periodic atomic
 checkpoints (network, EMA, optimizer, method state, RNG, step) and resume from the last one.
-Every micro-batch reseeds the global RNG from ``(seed, step, part)`` and draws its rows from a
-generator with the same key, so a resumed run is bitwise the run that was never interrupted (CPU,
-same threads), and ``W`` data-parallel processes (``bench.distributed``) see exactly the rows and
-noise of one process with ``grad_accum = W``: process ``rank`` takes parts ``rank * accum ..``.
-Losses are summed on the device and read back once per logging interval (no per-step sync);
-a non-finite mean stops the run before anything is saved over the last good checkpoint.
-A stop signal (SIGUSR1, SIGUSR2, SIGTERM; see ``Preemption``) ends the current step, saves a
-checkpoint and raises ``Preempted``, so the next start resumes where it stopped. Under DDP every
-decision that ends the loop (a non-finite loss, a stop signal) is taken on all-reduced values at a
-logging boundary, so all processes stop at the same step; only rank 0 writes checkpoints.
+``Trainer.train_step`` is one optimizer step in full, the unit ``fit`` repeats and ``bench.perf``
+times. Every micro-batch reseeds the global RNG from ``(seed, step, part)`` (``bench.rng.step_key``)
+and draws its rows from a generator with the same key, so a resumed run is bitwise the run that was
+never interrupted (CPU, same threads), and ``W`` data-parallel processes (``bench.distributed``) see
+exactly the rows and noise of one process with ``grad_accum = W``: process ``rank`` takes parts
+``rank * accum ..``. Losses are summed on the device and read back once per logging interval (no
+per-step sync); a non-finite mean stops the run before anything is saved over the last good
+checkpoint. A stop signal (``bench.preemption``) ends the current step, saves a checkpoint and
+raises ``Preempted``, so the next start resumes where it stopped. Under DDP every decision that
+ends the loop (a non-finite loss, a stop signal) is taken on all-reduced values at a logging
+boundary, so all processes stop at the same step; only rank 0 writes checkpoints.
 """
 
 from __future__ import annotations
@@ -20,9 +21,6 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
-import os
-import signal
-import threading
 import time
 from pathlib import Path
 
@@ -32,9 +30,11 @@ from tqdm.auto import tqdm
 
 from bench import accel, checkpoint
 from bench import distributed as ddp
-from bench.data import Dataset
+from bench.data import Batch, Dataset
 from bench.ema import EMA
 from bench.errors import UserError
+from bench.preemption import Preempted, Preemption
+from bench.rng import step_key
 from methods.base import Method, Nets, StageContext
 
 log = logging.getLogger(__name__)
@@ -51,88 +51,6 @@ class DivergenceError(RuntimeError):
         self.step, self.value = step, value
 
 
-class Preempted(RuntimeError):
-    """A stop signal arrived; what the next start needs to resume is saved."""
-
-    def __init__(self, signal_name: str, step: int, saved: str):
-        super().__init__(
-            f"preempted by {signal_name} at step {step}; {saved}; "
-            "run the same command again to resume"
-        )
-        self.signal_name, self.step = signal_name, step
-
-
-class Preemption:
-    """``with Preemption() as p:`` turns SIGUSR1, SIGUSR2 and SIGTERM (what SLURM, submitit and most
-    schedulers send before they kill a job) into a request to stop. The handler only records the
-    signal -- no I/O inside a handler; the trainer checks ``p.requested`` after each optimizer step.
-    Handlers are installed only in the main thread (Python allows no other) and restored on exit.
-
-    A handler that was installed before ours (submitit's: on its signal, SIGUSR2 by default, it
-    requeues the job and exits) is kept: ``forward()`` calls it once our checkpoint is saved, so a
-    job at its time limit saves first and is requeued second."""
-
-    SIGNALS = tuple(
-        getattr(signal, n) for n in ("SIGUSR1", "SIGUSR2", "SIGTERM") if hasattr(signal, n)
-    )
-
-    def __init__(self, signals: tuple[int, ...] = SIGNALS):
-        self.signals = signals
-        self.signum: int | None = None
-        self.armed = 0  # how many watching loops are active
-        self._previous: dict[int, object] = {}
-
-    def _handle(self, signum, frame) -> None:
-        if self.armed:
-            self.signum = signum  # acted on at the end of the step / budget
-        else:  # no loop is watching (setup, a teacher's evaluation): what would have happened
-            self._pass_on(signum, frame)
-
-    def _pass_on(self, signum, frame) -> None:
-        previous = self._previous.get(signum)
-        if callable(previous):  # submitit's: requeue and exit on its signal, log SIGTERM
-            previous(signum, frame)
-        elif previous != signal.SIG_IGN:  # the default action: terminate
-            signal.signal(signum, signal.SIG_DFL)
-            os.kill(os.getpid(), signum)
-
-    @contextlib.contextmanager
-    def watching(self):
-        """``with p.watching():`` around a loop that checks ``requested`` often (training, the
-        evaluation budgets); outside one, a signal takes the effect it would have had without
-        us, so a time-limit signal during setup still gets submitit's requeue."""
-        self.armed += 1
-        try:
-            yield self
-        finally:
-            self.armed -= 1
-
-    @property
-    def requested(self) -> bool:
-        return self.signum is not None
-
-    @property
-    def signal_name(self) -> str:
-        return signal.Signals(self.signum).name if self.signum is not None else "none"
-
-    def __enter__(self) -> Preemption:
-        if threading.current_thread() is threading.main_thread():
-            self._previous = {s: signal.signal(s, self._handle) for s in self.signals}
-        return self
-
-    def __exit__(self, *exc) -> None:
-        for s, previous in self._previous.items():  # None: installed outside Python
-            signal.signal(s, signal.SIG_DFL if previous is None else previous)
-        # _previous is kept: ``forward`` runs after the ``with`` block has restored the handlers.
-
-    def forward(self) -> None:
-        """Hand the recorded signal to the Python handler that was installed before ours, if any
-        (submitit's requeue-and-exit); default actions (terminate) are not replayed."""
-        previous = self._previous.get(self.signum) if self.signum is not None else None
-        if callable(previous) and previous not in (signal.default_int_handler,):
-            previous(self.signum, None)
-
-
 def check_batch_split(cfg, world: ddp.World) -> int:
     """The global batch must cut into ``processes x grad_accum`` equal micro-batches; their count."""
     accum = cfg.get("grad_accum", 1)
@@ -145,11 +63,6 @@ def check_batch_split(cfg, world: ddp.World) -> int:
             f"({world.size} processes x train.grad_accum={accum}); use a multiple of {parts}"
         )
     return parts
-
-
-def step_seed(seed: int, step: int, part: int = 0) -> int:
-    """The RNG key of micro-batch ``part`` of optimizer step ``step`` (part < 7919: no collisions)."""
-    return (seed * 1_000_003 + step * 7_919 + part * 104_729) % 2**63
 
 
 class Trainer:
@@ -261,18 +174,57 @@ class Trainer:
         """Train to ``cfg.steps`` (or to ``stop_at``, for tests that simulate an interruption)."""
         cfg = self.cfg
         end = min(cfg.steps, stop_at) if stop_at is not None else cfg.steps
-        accum = int(cfg.get("grad_accum", 1))
-        parts = self.world.size * accum  # micro-batches per optimizer step, over all processes
         if self.step >= end:
             return
         with self.preemption.watching() if self.preemption else contextlib.nullcontext():
-            self._fit(end, accum, parts)
+            self._fit(end)
 
-    def _fit(self, end: int, accum: int, parts: int) -> None:
+    def train_step(self, batch: Batch | None = None) -> dict[str, torch.Tensor]:
+        """One optimizer step at ``self.step``, then ``step += 1``: learning rate, zero_grad, this
+        process's micro-batches (each reseeded from ``(seed, step, part)``; the loss under autocast,
+        backward), the gradient sync, clipping, AdamW, EMA and the method's ``after_step``.
+        Returns the logged values (``loss`` first) averaged over the micro-batches, detached and on
+        the device: reading them is the caller's sync. ``batch`` replaces every micro-batch's draw
+        from the data (``bench.perf`` times the step without the loader)."""
         cfg, net, world = self.cfg, self.net, self.world
+        accum = int(cfg.get("grad_accum", 1))
+        parts = world.size * accum  # micro-batches per optimizer step, over all processes
+        for group in self.opt.param_groups:
+            group["lr"] = cfg.lr * self.method.lr_factor(self.step, cfg.steps)
+        self.opt.zero_grad(set_to_none=True)
+        nets = Nets(self.wrapped, self.ema.net)
+        logs: dict[str, torch.Tensor] = {}
+        for micro in range(accum):  # accum = 1: one micro-batch per process and step
+            part = world.rank * accum + micro
+            torch.manual_seed(step_key(cfg.seed, self.step, part))
+            if batch is None:
+                batch_of = cfg.batch_size // parts, cfg.seed, self.step * parts + part
+                rows = self.data.batch(*batch_of, self.conditional).to(self.device)
+            else:
+                rows = batch
+            # DDP all-reduces during the last micro-batch's backward only.
+            sync = micro == accum - 1 or self.wrapped is net
+            with contextlib.nullcontext() if sync else self.wrapped.no_sync():
+                # bf16 autocast (CUDA) around the forwards only; fp32 master weights.
+                with accel.autocast(self.device, self.precision):
+                    loss, extra = self.method.loss(nets, rows, self.step)
+                (loss / accum).backward()
+            for k, v in {"loss": loss.detach(), **extra}.items():
+                logs[k] = logs[k] + v / accum if k in logs else v / accum
+        if self.wrapped is net:  # no DDP wrapper: average explicitly (no-op for 1 process)
+            ddp.average_gradients(net.parameters(), world)
+        if cfg.grad_clip:
+            nn.utils.clip_grad_norm_(net.parameters(), cfg.grad_clip)
+        self.opt.step()
+        self.ema.update(net, self.step)
+        self.method.after_step(self.nets, self.step)
+        self.step += 1
+        return logs
+
+    def _fit(self, end: int) -> None:
+        cfg, world = self.cfg, self.world
         stage = None
-        net.train()
-        train_nets = Nets(self.wrapped, self.ema.net)
+        self.net.train()
         sums: dict[str, torch.Tensor] = {}
         count, tick = 0, time.perf_counter()
         bar = tqdm(
@@ -290,33 +242,8 @@ class Trainer:
                 self.method.begin_stage(stage, self.nets, self.context(), fresh)
                 if self.tracker is not None:
                     self.tracker.log_metrics({"train/stage": stage}, step=self.step)
-            factor = self.method.lr_factor(self.step, cfg.steps)
-            for group in self.opt.param_groups:
-                group["lr"] = cfg.lr * factor
-            self.opt.zero_grad(set_to_none=True)
-            for micro in range(accum):  # accum = 1: one micro-batch per process and step
-                part = world.rank * accum + micro
-                torch.manual_seed(step_seed(cfg.seed, self.step, part))
-                batch = self.data.batch(
-                    cfg.batch_size // parts, cfg.seed, self.step * parts + part, self.conditional
-                ).to(self.device)
-                # DDP all-reduces during the last micro-batch's backward only.
-                sync = micro == accum - 1 or self.wrapped is net
-                with contextlib.nullcontext() if sync else self.wrapped.no_sync():
-                    # bf16 autocast (CUDA) around the forwards only; fp32 master weights.
-                    with accel.autocast(self.device, self.precision):
-                        loss, logs = self.method.loss(train_nets, batch, self.step)
-                    (loss / accum).backward()
-                for k, v in {"loss": loss.detach(), **logs}.items():
-                    sums[k] = sums.get(k, 0.0) + v / accum
-            if self.wrapped is net:  # no DDP wrapper: average explicitly (no-op for 1 process)
-                ddp.average_gradients(net.parameters(), world)
-            if cfg.grad_clip:
-                nn.utils.clip_grad_norm_(net.parameters(), cfg.grad_clip)
-            self.opt.step()
-            self.ema.update(net, self.step)
-            self.method.after_step(self.nets, self.step)
-            self.step += 1
+            for k, v in self.train_step().items():
+                sums[k] = sums.get(k, 0.0) + v
             count += 1
             bar.update(1)
             log_now = self.step % cfg.log_every == 0 or self.step == end

@@ -1,7 +1,7 @@
 """What several methods share: the path between noise and data, the noise itself, the Euler
 sampler, the split of a batch into kinds of row, two-step targets and the regression loss.
 
-Time convention for the whole project: ``t = 0`` is noise ``x0 ~ N(0, I)``, ``t = 1`` is data
+Time convention for the whole project (docs/methods.md): ``t = 0`` is noise ``x0 ~ N(0, I)``, ``t = 1`` is data
 ``x1``, ``x_t = (1 - t) x0 + t x1``, velocity ``v = x1 - x0``. The network is
 ``net(x, t, d, y)``: ``d`` is the step size it is asked about (``1/128`` is the flow-matching
 level), ``y`` a label or the null label ``num_classes``.

@@ -11,7 +11,7 @@ The student starts as the teacher; after each round it becomes the next round's 
 teacher is the flow-matching model at ``d = 1/128``. The network's ``d`` input carries the round's
 step size, as it does for shortcut models.
 
-Recipe (Salimans & Ho; METHODS.md): fixed steps per round (``train.steps / 7``), the learning rate
+Recipe (Salimans & Ho; docs/methods.md): fixed steps per round (``train.steps / 7``), the learning rate
 annealed linearly to zero inside each round, a fresh optimizer state per round, no EMA (the EMA
 follows the online weights), gradient clipping 1 (``train.grad_clip=1``, set by experiments).
 

@@ -22,7 +22,7 @@ Defaults and where they come from (every deviation from the official JAX code is
 option             default (source)             official code
 =================  ===========================  ==========================================
 k_ratio            0.25 (paper)                 0.125 (``bootstrap_every = 8``)
-level_sampling     ``uniform`` (METHODS.md)     ``even``: equal counts per level, leftovers
+level_sampling     ``uniform`` (this project)   ``even``: equal counts per level, leftovers
                                                 to ``d = 1`` (all rows at small batches)
 fm_time            ``uniform`` (paper: best)    ``grid128``
 target_weights     ``ema`` (official)           ``ema``

@@ -52,7 +52,7 @@ def test_steps_for_budget_divides_what_is_left_by_the_cost_of_a_step():
 @pytest.mark.parametrize("method", METHODS)
 def test_the_compute_matched_experiment_gives_every_method_the_same_total(compose, capsys, method):
     from bench import teacher as teachers
-    from bench.run import apply_compute_budget, make_method
+    from bench.build import apply_compute_budget, make_method
 
     cfg = compose("+experiment=compute_matched", f"method={method}")
     apply_compute_budget(cfg)
@@ -111,7 +111,7 @@ def test_a_compute_budget_run_trains_the_derived_steps(tmp_path, mlflow_uri):
 
 
 def test_consistency_distillation_pays_for_its_teacher_forwards(compose):
-    from bench.run import apply_compute_budget, make_method
+    from bench.build import apply_compute_budget, make_method
 
     cfg = compose(
         "+experiment=compute_matched", "method=consistency", "+method.teacher.method=flow_matching"

@@ -33,7 +33,7 @@ def f_teacher(x, t, d, y):
 
 
 def f_gaussian(x, t, d, y):
-    """The exact flow-matching velocity for ``x1 ~ N(MU, diag(STD^2))`` (METHODS.md closed form)."""
+    """The exact flow-matching velocity for ``x1 ~ N(MU, diag(STD^2))`` (docs/methods.md)."""
     t = bcast(t, x)
     c = (1 - t) ** 2 + t**2 * STD**2
     dc = -2 * (1 - t) + 2 * t * STD**2

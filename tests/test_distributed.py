@@ -17,8 +17,8 @@ import torch.multiprocessing as mp
 
 from bench import checkpoint
 from bench import distributed as ddp
+from bench.build import build
 from bench.errors import UserError
-from bench.run import build
 from bench.train import Trainer
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -25,8 +25,8 @@ from PIL import Image
 from bench import data
 from bench.encode import encode
 from bench.errors import UserError
-from bench.evaluate import Evaluator
 from bench.metrics import clean_fid
+from bench.metrics.suites import ImageSuite
 
 diffusers = pytest.importorskip("diffusers")
 
@@ -236,10 +236,12 @@ def test_loader_exposes_the_vae_and_decoding_inverts_the_scale(images, tmp_path,
         return F.adaptive_avg_pool2d(x.float() / 255, 4).flatten(1)
 
     cpu = torch.device("cpu")
-    ev = Evaluator(ds, 6, 0, 6, cpu, True, fid=True, cache_dir=tmp_path, fid_extractor=pooled)
+    ev = ImageSuite(ds, 6, cpu, fid=True, cache_dir=tmp_path, fid_extractor=pooled)
     assert isinstance(ev.decoder, VAEDecoder) and ev.protocol()["eval.fid_decoder"] == str(vae_dir)
-    real = clean_fid.fid(ds.test_x, ev.fid[2], pooled, cpu, transform=ev.decode)
-    noise = clean_fid.fid(torch.randn(6, 4, 8, 8) * 3, ev.fid[2], pooled, cpu, transform=ev.decode)
+    real = clean_fid.fid(ds.test_x, ev.fid.stats, pooled, cpu, transform=ev.decode)
+    noise = clean_fid.fid(
+        torch.randn(6, 4, 8, 8) * 3, ev.fid.stats, pooled, cpu, transform=ev.decode
+    )
     assert 0 <= real < noise
 
 
@@ -248,7 +250,7 @@ def test_old_style_latents_still_need_a_decoder_for_fid(tmp_path):
     ds = data.latents(str(tmp_path), test_fraction=0.2)
     assert ds.latent is None
     with pytest.raises(UserError, match="needs eval.decoder .* or latents written by"):
-        Evaluator(ds, 4, 0, 4, torch.device("cpu"), False, fid=True, cache_dir=tmp_path)
+        ImageSuite(ds, 4, torch.device("cpu"), fid=True, cache_dir=tmp_path)
 
 
 def test_configs_compose(compose, vae_dir):

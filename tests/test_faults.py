@@ -23,10 +23,12 @@ import torch
 from conftest import ROOT, run_cli
 
 from bench import checkpoint
+from bench.build import build
 from bench.errors import EXIT_PREEMPTED, UserError
-from bench.run import build, check_choices, job
+from bench.preemption import Preempted, Preemption
+from bench.run import check_choices, job
 from bench.track import REDACTED, flatten, is_secret
-from bench.train import Preempted, Preemption, Trainer
+from bench.train import Trainer
 
 ONE_THREAD = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
 # 60 steps of 16 images take ~3 s: long enough to be killed mid-training, short enough for CI.
@@ -317,7 +319,7 @@ def test_a_stop_signal_during_evaluation_keeps_the_budgets_done(compose, mlflow_
 def test_eight_jobs_at_once_on_a_fresh_sqlite_store_all_log_complete_runs(tmp_path):
     """8 jobs started together against one sqlite store that does not exist yet: the first touch
     (create + migrate) happens under a file lock, so all 8 finish with their params, metrics and
-    artifacts (ENVIRONMENT.md measured 1 of 4 failing without it)."""
+    artifacts (docs/install.md: 1 of 4 failed without it when measured)."""
     args = [*JOB, "train.steps=2", "train.log_every=1", "train.ckpt_every=2", "eval.budgets=[1]"]
     env = {**os.environ, "PYTHONPATH": str(ROOT), **ONE_THREAD}
     uri = f"sqlite:///{tmp_path}/mlflow.db"

@@ -152,7 +152,7 @@ def cov(t):
 
 
 class ExactAverageVelocity(torch.nn.Module):
-    r"""The exact ``u(x, t, d) = (x_{t+d} - x) / d`` of the Gaussian flow (METHODS.md):
+    r"""The exact ``u(x, t, d) = (x_{t+d} - x) / d`` of the Gaussian flow (docs/methods.md):
     ``x_s = s MU + sqrt(C_s / C_t) (x - t MU)`` moves each coordinate affinely (d > 0)."""
 
     num_classes = 0

@@ -129,7 +129,7 @@ class ToyRun:
 
     def __post_init__(self):
         from bench import teacher as teachers
-        from bench.run import build
+        from bench.build import build
 
         self.data, net, self.method, _ = build(self.cfg)
         self.net = CountingNet(net)
@@ -272,7 +272,7 @@ def assert_checkpoint_round_trip(c: Contract) -> None:
 
 
 def assert_bad_budget_is_one_sentence(config_dir: Path, name: str, teacher: bool) -> None:
-    from bench.run import build
+    from bench.build import build
 
     cfg = method_config(config_dir, name, teacher, *TOY, "eval.budgets=[1,3]")
     with pytest.raises(UserError) as e:
@@ -302,7 +302,7 @@ def bad_values(default, hint) -> list:
 
 
 def assert_bad_options_are_one_sentence(config_dir: Path, name: str) -> None:
-    from bench.run import make_method
+    from bench.build import make_method
 
     node = OmegaConf.to_container(OmegaConf.load(config_dir / "method" / f"{name}.yaml"))
     declared = options.hints(method_class(config_dir, name))

@@ -1,4 +1,4 @@
-"""Does the metric measure quality? EVALUATION.md's six checks, plus the clean-fid code path.
+"""Does the metric measure quality? The six checks of docs/evaluation.md, plus the clean-fid path.
 
 1. real vs real sits at the floor, and KID is within 2 sigma of 0;
 2. blur and noise ladders give strictly increasing FD;
@@ -18,8 +18,8 @@ from torchvision.transforms.functional import gaussian_blur
 
 from bench import data
 from bench.errors import UserError
-from bench.evaluate import Evaluator
 from bench.metrics import clean_fid, points
+from bench.metrics.suites import ImageSuite
 from methods.flow_matching import FlowMatching
 
 
@@ -30,18 +30,18 @@ def digits():
 
 @pytest.fixture(scope="module")
 def ev(digits):
-    return Evaluator(digits, 450, 0, 450, torch.device("cpu"), conditional=False)
+    return ImageSuite(digits, 450, torch.device("cpu"))
 
 
 def fd(ev, x):
-    return ev._image_metrics(x, "k")["fd/train/k"]
+    return ev.metrics(x, "k")["fd/train/k"]
 
 
 def test_real_vs_real_is_at_the_floor_and_kid_is_zero(ev, digits):
     floor = ev.floor["fd/train/floor"]
     half = digits.train_x[::3][:450]  # real training images, another draw of the same data
     assert fd(ev, half) < 2 * floor
-    m = ev._image_metrics(digits.test_x, "k")
+    m = ev.metrics(digits.test_x, "k")
     assert abs(m["kid/k"]) < 2 * m["kid_std/k"] + 1e-4
 
 
@@ -66,9 +66,9 @@ def test_mean_image_and_noise_are_far_above_the_floor(ev, digits):
 
 
 def test_dropping_half_the_classes_cuts_recall_not_precision(ev, digits):
-    full = ev._image_metrics(digits.test_x, "k")
+    full = ev.metrics(digits.test_x, "k")
     keep = digits.test_x[digits.test_y < 5]
-    half = ev._image_metrics(keep.repeat(2, 1, 1, 1)[:450], "k")
+    half = ev.metrics(keep.repeat(2, 1, 1, 1)[:450], "k")
     assert full["recall/k"] - half["recall/k"] >= 0.3
     assert full["coverage/k"] - half["coverage/k"] >= 0.3
     assert abs(full["precision/k"] - half["precision/k"]) < 0.05
@@ -101,17 +101,17 @@ def test_the_oracle_sampler_improves_strictly_and_starts_at_the_mean(ev, digits)
     torch.testing.assert_close(
         one, digits.train_x.mean(0, keepdim=True).expand_as(one), atol=1e-5, rtol=0
     )
-    scores = {n: ev._image_metrics(fm.sample(oracle, x0, n), "k") for n in (1, 2, 4, 8, 32)}
+    scores = {n: ev.metrics(fm.sample(oracle, x0, n), "k") for n in (1, 2, 4, 8, 32)}
     fds = [scores[n]["fd/train/k"] for n in (1, 2, 4, 8, 32)]
     assert all(a > b for a, b in zip(fds, fds[1:], strict=False)), fds
     # the oracle reproduces training images; held-out digits are not copies
     assert scores[32]["copy_rate/k"] > 0.9
-    assert ev._image_metrics(digits.test_x, "k")["copy_rate/k"] < 0.1
+    assert ev.metrics(digits.test_x, "k")["copy_rate/k"] < 0.1
 
 
 def test_identical_values_on_repeat(ev, digits):
     x = gaussian_blur(digits.test_x, [9, 9], [1.0, 1.0])
-    assert ev._image_metrics(x, "k") == ev._image_metrics(x, "k")
+    assert ev.metrics(x, "k") == ev.metrics(x, "k")
 
 
 def test_toy_point_metrics_rank_quality():
@@ -154,12 +154,12 @@ def test_missing_inception_weights_name_the_file(tmp_path):
 
 def test_pixel_pca_and_random_cnn_feature_spaces_rank_quality(digits):
     for features in ("pixel_pca", "random_cnn"):
-        ev = Evaluator(digits, 450, 0, 450, torch.device("cpu"), False, features=features)
+        ev = ImageSuite(digits, 450, torch.device("cpu"), features=features)
         assert ev.extractor_name == features.replace("_", "-")
         noise = torch.randn(450, 1, 16, 16, generator=torch.Generator().manual_seed(3)).clamp(-1, 1)
         blurred = gaussian_blur(digits.test_x, [9, 9], [1.5, 1.5])
         assert ev.floor["fd/train/floor"] < fd(ev, blurred) < fd(ev, noise)
-        assert "class_kl/k" not in ev._image_metrics(noise, "k")  # no classifier, no labels
+        assert "class_kl/k" not in ev.metrics(noise, "k")  # no classifier, no labels
 
 
 def test_exact_w2_is_zero_for_identical_sets_and_grows_with_a_shift():
@@ -186,38 +186,32 @@ def test_fid_on_latents_decodes_both_sides(tmp_path):
         kind="latent",
     )
     with pytest.raises(UserError, match="needs eval.decoder"):
-        Evaluator(
+        ImageSuite(
             lat,
             40,
-            0,
-            40,
             torch.device("cpu"),
-            False,
             fid=True,
             cache_dir=tmp_path,
             fid_extractor=pooled_features,
         )
-    ev = Evaluator(
+    ev = ImageSuite(
         lat,
         40,
-        0,
-        40,
         torch.device("cpu"),
-        False,
         fid=True,
         cache_dir=tmp_path,
         fid_extractor=pooled_features,
         decoder=Upsampler(),
     )
     real = clean_fid.fid(
-        lat.test_x, ev.fid[2], pooled_features, torch.device("cpu"), transform=ev.decode
+        lat.test_x, ev.fid.stats, pooled_features, torch.device("cpu"), transform=ev.decode
     )
     junk = clean_fid.fid(
         torch.full((20, 4, 8, 8), 3.0),
-        ev.fid[2],
+        ev.fid.stats,
         pooled_features,
         torch.device("cpu"),
         transform=ev.decode,
     )
     assert real < junk
-    assert ev.fid[4].exists()  # the decoded reference statistics are cached
+    assert ev.fid.path.exists()  # the decoded reference statistics are cached

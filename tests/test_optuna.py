@@ -11,7 +11,7 @@ import yaml
 from conftest import SMOKE, run_cli
 
 from bench.errors import UserError
-from bench.run import check_objective, objective_name, objective_value
+from bench.objective import check_objective, objective_name, objective_value
 
 ONE_THREAD = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
 TOY = [

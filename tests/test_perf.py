@@ -125,7 +125,7 @@ def test_compile_model_is_in_place_per_block_and_numerically_the_same():
 
 
 def test_train_configs_carry_the_switches_and_build_applies_them(compose):
-    from bench.run import build
+    from bench.build import build
 
     for recipe in ("cpu", "paper"):
         t = compose(f"train={recipe}").train

@@ -1,6 +1,7 @@
 """End to end: a job trains, evaluates and logs to MLflow; the CLI refuses bad input clearly."""
 
 import json
+import re
 
 import mlflow
 import pytest
@@ -75,6 +76,67 @@ def test_a_job_trains_evaluates_and_logs_everything(compose, mlflow_uri, tmp_pat
     assert "metrics.fd/train/steps_4" in runs(mlflow_uri).columns
 
 
+def first_row(out: str) -> list[float]:
+    """The numbers of the 1-step row of the printed results table."""
+    (row,) = [l for l in out.splitlines() if re.match(r"\s+1\s+1\s", l)]
+    return [float(v) for v in row.split()]
+
+
+def test_stored_results_are_reused_only_under_the_same_protocol(
+    compose, mlflow_uri, tmp_path, capsys
+):
+    """Another feature extractor is another protocol: a finished run evaluated in pixel-PCA
+    features and then asked for random-CNN features computes the new numbers instead of
+    reporting the stored pixel-PCA ones under the new extractor's name; asked for pixel-PCA
+    again, it reuses what it stored for that protocol."""
+    common = [
+        *TOY[:-1],
+        "eval.budgets=[1]",
+        "eval.interpolation=false",
+        f"paths.root={tmp_path}",
+        f"tracking.uri={mlflow_uri}",
+    ]
+    job(compose(*common, "eval.features=pixel_pca"))
+    pca = capsys.readouterr().out
+    assert "extractor=pixel-pca" in pca
+
+    job(compose(*common, "eval.features=random_cnn", "eval_only=true"))
+    cnn = capsys.readouterr().out
+    assert "extractor=random-cnn" in cnn and "already evaluated" not in cnn
+    assert first_row(cnn)[2:4] != first_row(pca)[2:4]  # FD(train), FD(test) measured anew
+    run = runs(mlflow_uri).iloc[0]
+    assert run["tags.eval.extractor"] == "random-cnn"
+    assert run["metrics.fd/train/steps_1"] == pytest.approx(first_row(cnn)[2], abs=0.006)
+
+    job(compose(*common, "eval.features=pixel_pca", "eval_only=true"))
+    again = capsys.readouterr().out
+    assert "evaluating nothing more" in again
+    assert first_row(again)[2:7] == first_row(pca)[2:7]
+
+
+def test_the_reuse_key_changes_with_every_setting_that_changes_the_numbers(compose):
+    from bench.build import make_evaluator
+    from bench.data import digits16
+
+    data = digits16()
+
+    def key(*overrides):
+        cfg = compose("eval.features=pixel_pca", "eval.num_samples=64", *overrides)
+        return make_evaluator(cfg, data, torch.device("cpu"), False).reuse_key()
+
+    base = key()
+    assert key() == base  # stable: the same settings find the stored results
+    changed = [
+        key("eval.features=random_cnn"),
+        key("eval.weights=online"),
+        key("eval.batch_size=32"),  # a sampler may draw per batch (consistency's re-noising)
+        key("eval.seed=7"),
+        key("eval.num_samples=32"),
+    ]
+    assert base not in changed and len(set(changed)) == len(changed)
+    assert key("eval.budgets=[1]", "eval.grids=false") == base  # what is evaluated, not how
+
+
 def test_toy2d_with_the_mlp_reports_point_metrics(compose, mlflow_uri, tmp_path):
     cfg = compose(
         "+experiment=toy_control",
@@ -125,6 +187,8 @@ def test_a_corrupt_checkpoint_is_one_sentence(compose, mlflow_uri, tmp_path):
     ckpt.write_bytes(ckpt.read_bytes()[:1000])
     with pytest.raises(UserError, match="truncated or corrupt"):
         job(cfg)
+    run = runs(mlflow_uri).iloc[0]  # reopened, then ended with the reason: not left RUNNING
+    assert run["status"] == "FAILED" and "truncated or corrupt" in run["tags.failure"]
 
 
 @pytest.mark.parametrize(
@@ -198,7 +262,7 @@ def test_the_multirun_from_the_issue(tmp_path):
 def test_deterministic_auto_is_on_for_cpu_and_a_bad_value_is_one_sentence():
     import torch
 
-    from bench.run import use_deterministic
+    from bench.build import use_deterministic
 
     before = torch.are_deterministic_algorithms_enabled()
     try:

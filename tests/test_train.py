@@ -5,8 +5,8 @@ import torch
 from hydra.utils import instantiate
 
 from bench import checkpoint
+from bench.build import build, make_method
 from bench.errors import UserError
-from bench.run import build, make_method
 from bench.train import DivergenceError, Trainer
 
 FAST = ["train.batch_size=16", "train.log_every=2", "train.ckpt_every=4", "train.progress=false"]

@@ -1,8 +1,8 @@
 """The offline feature space: a small CNN classifier trained on a benchmark's own training split.
 
-Inception FID on 16x16 images is meaningless (EVALUATION.md); like "MNIST FID with a LeNet", the
-offline FD is the Frechet distance in the penultimate (64-d) features of a classifier trained on
-the dataset itself. The weights for ``digits16`` and ``shapes16`` ship with the package
+Inception FID on 16x16 images is meaningless (docs/evaluation.md); like "MNIST FID with a LeNet",
+the offline FD is the Frechet distance in the penultimate (64-d) features of a classifier trained
+on the dataset itself. The weights for ``digits16`` and ``shapes16`` ship with the package
 (``weights/*.pt``), so every machine measures in the same frozen feature space; each result records
 ``weights_hash`` (sha256 of the parameters). ``python -m bench.metrics.feature_net digits16``
 retrains them deterministically. Datasets without shipped weights get a randomly initialised

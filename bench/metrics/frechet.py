@@ -3,7 +3,7 @@
 ``FD = |mu1 - mu2|^2 + tr(S1) + tr(S2) - 2 tr((S1 S2)^(1/2))``.
 ``tr((S1 S2)^(1/2))`` is the sum of square roots of the eigenvalues of ``S1 S2`` (real and
 non-negative for PSD S1, S2, up to round-off): in float64 it matches ``scipy.linalg.sqrtm`` to 6
-decimals and is ~30x faster (EVALUATION.md).
+decimals and is ~30x faster (docs/evaluation.md).
 """
 
 from __future__ import annotations

@@ -1,5 +1,5 @@
 """Sample distances for low-dimensional data, where a Frechet distance would be blind: a Gaussian
-with the data's mean and covariance scores as perfect under FD (EVALUATION.md).
+with the data's mean and covariance scores as perfect under FD (docs/evaluation.md).
 
 * energy distance (Szekely & Rizzo 2004): ``2 E|X - Y| - E|X - X'| - E|Y - Y'|`` (V-statistic),
 * RBF-MMD^2, unbiased (Gretton et al. 2012), bandwidth = median pairwise distance of the reference,

@@ -1,8 +1,8 @@
 """Sample-quality metrics beyond FD, all on feature vectors (rows are samples).
 
 * KID (Binkowski et al. 2018): unbiased MMD^2 with the cubic kernel ``(x.y / D + 1)^3`` on
-  features z-scored by the reference statistics (raw features give noise, EVALUATION.md); mean and
-  spread over random subsets.
+  features z-scored by the reference statistics (raw features give noise, docs/evaluation.md);
+  mean and spread over random subsets.
 * Precision / recall (Kynkaanniemi et al. 2019, k = 3; the larger set is subsampled to the
   smaller one's size): a sample is "on the real manifold" when it
   lies in a ball around some real feature whose radius is that feature's distance to its k-th

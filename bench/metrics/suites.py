@@ -1,0 +1,254 @@
+"""Metric suites: what one data kind is measured with, chosen in one place (``suite_for``).
+
+A suite turns a set of samples into named metrics (``metrics(samples, key)``: ``<name>/<key>``),
+states its protocol (``protocol()``: references, extractor and its weights hash, ...), and holds
+the real-data floor (``floor``: the same metrics for real data, the best a sampler can score).
+
+* ``ImageSuite`` (pixels and latents): the offline Frechet distance in a frozen feature space
+  (``bench.metrics.feature_net``) against the training split (the paper convention) and the
+  held-out split, and in the same features KID, precision/recall, density/coverage, the
+  class-histogram KL and the copy rate (``bench.metrics.quality``); with ``fid`` also clean-fid
+  Inception FID against cached training statistics (``bench.metrics.clean_fid``). The floor is
+  held-out images against the training references, ``num_samples`` of them or the whole held-out
+  split when it is smaller (450 for digits16, which overstates the floor at 1,000: FD's bias
+  falls like 1/N).
+* ``PointSuite`` (2-D toys): energy distance and unbiased RBF-MMD^2 against the held-out draw,
+  sliced and exact W2 beside them, never FD; the floor is real training points.
+
+The evaluator (``bench.evaluate``) never asks which suite it holds; a new data kind is a new suite
+here and one line in ``suite_for``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from bench.data import Dataset
+from bench.errors import UserError
+from bench.metrics import points, quality
+from bench.metrics.feature_net import extract, load_feature_net, weights_hash
+from bench.metrics.frechet import Stats, frechet_distance
+
+
+@dataclass
+class FID:
+    """clean-fid's Inception FID, set up: the extractor and the training statistics it compares
+    to (cached at ``path``)."""
+
+    extractor: object
+    stats: Stats
+    name: str
+    path: Path
+
+
+class ImageSuite:
+    """Feature-space metrics of images (or latents) against the training split.
+
+    ``features``: ``auto`` | ``classifier`` | ``random_cnn`` | ``pixel_pca``. ``fid`` adds clean-fid
+    Inception FID (``fid/<key>``); ``fid_extractor`` replaces Inception by any network taking
+    [0, 255] images (tests). ``decoder`` maps latents to [-1, 1] images before FID."""
+
+    #: The printed results table: its head, and how a budget's metrics fill a row.
+    table_head = "FD(train)  FD(test)     KID  prec  recall"
+    floor_label = "held-out images vs train statistics"
+
+    def __init__(
+        self,
+        data: Dataset,
+        num_samples: int,
+        device: torch.device,
+        features: str = "auto",
+        fid: bool = False,
+        inception_dir: str | None = None,
+        cache_dir: str | None = None,
+        fid_extractor=None,
+        decoder=None,
+    ):
+        self.data, self.device, self.decoder = data, device, decoder
+        self.extractor, self.extractor_name = load_feature_net(
+            data.name, data.shape[0], features, data.train_x
+        )
+        self.extractor_hash = weights_hash(self.extractor)
+        self.train_feats = extract(self.extractor, data.train_x)
+        self.train_stats = Stats.of(self.train_feats)
+        self.test_stats = Stats.of(extract(self.extractor, data.test_x))
+        labelled = self.extractor_name.startswith("classifier") and data.train_y is not None
+        self.train_labels = data.train_y.numpy() if labelled else None
+        self.copies = quality.CopyDetector(data.train_x) if data.kind == "image" else None
+        # The floor: real held-out images against the training references, at the sample count
+        # when the held-out split is large enough, else at the split's size (stated in the tags).
+        self.floor_count = min(num_samples, len(data.test_x))
+        self.floor = self.feature_metrics(data.test_x[: self.floor_count], "floor")
+        del self.floor["fd/test/floor"]  # held-out images against themselves: 0 by construction
+        self.fid = self._setup_fid(inception_dir, cache_dir, fid_extractor) if fid else None
+
+    @torch.no_grad()
+    def decode(self, x: Tensor) -> Tensor:
+        """Latents -> images in [-1, 1] with the decoder (pixels pass through)."""
+        if self.decoder is None:
+            return x
+        return self.decoder(x.to(self.device)).float().cpu().clamp(-1, 1)
+
+    def _setup_fid(self, inception_dir, cache_dir, extractor) -> FID:
+        from bench.metrics import clean_fid
+
+        data = self.data
+        if data.kind == "latent" and self.decoder is None and data.latent is not None:
+            # Latents from bench.encode name their VAE and scale: decode with exactly those.
+            from bench.vae import VAEDecoder
+
+            info = data.latent
+            self.decoder = VAEDecoder(info.vae, info.scaling_factor).to(self.device).eval()
+        if data.kind == "latent" and self.decoder is None:
+            raise UserError(
+                "eval.fid=true on latents needs eval.decoder (a _target_ that maps latents to "
+                "images in [-1, 1], e.g. bench.vae.VAEDecoder) or latents written by "
+                "python -m bench.encode, whose latents.json names the VAE"
+            )
+        name = "custom" if extractor is not None else "inception-v3-clean"
+        if extractor is None:
+            extractor = clean_fid.inception(inception_dir, self.device)
+        image = self.decode(data.train_x[:1]).shape[1:]
+        key = {
+            "dataset": data.name,
+            "split": "train",
+            "resolution": f"{image[1]}x{image[2]}",
+            "extractor": name,
+            "n": str(len(data.train_x)),
+            "decoded": str(self.decoder is not None),
+        }
+        if self.decoder is not None:  # other decoder (or VAE weights), other reference images
+            key["decoder"] = str(getattr(self.decoder, "name", type(self.decoder).__name__))
+            if data.latent is not None and data.latent.vae_sha256:
+                key["vae_sha256"] = str(data.latent.vae_sha256)
+        stats, path = clean_fid.reference_stats(
+            data.train_x,
+            key,
+            Path(cache_dir or "~/.cache/fewstep-bench"),
+            extractor,
+            self.device,
+            transform=self.decode if self.decoder is not None else None,
+        )
+        return FID(extractor, stats, name, path)
+
+    def protocol(self) -> dict[str, str]:
+        p = {
+            "eval.metric": "offline FD (Frechet distance in extractor features)",
+            "eval.reference": f"{self.data.name} train ({len(self.data.train_x)}) and "
+            f"test ({len(self.data.test_x)}) splits",
+            "eval.extractor": self.extractor_name,
+            "eval.extractor_hash": self.extractor_hash,
+            "eval.floor_count": str(self.floor_count),
+            "eval.other_metrics": "KID (cubic kernel, z-scored features, 20 subsets), "
+            "precision/recall and density/coverage (k=3), class-histogram KL, "
+            "copy rate (pixel L2 < 1/3 median train NN distance); all vs the train split",
+        }
+        if self.fid is not None:
+            p.update(
+                {
+                    "eval.fid_extractor": self.fid.name,
+                    "eval.fid_mode": "clean-fid clean resize to 299",
+                    "eval.fid_reference": f"{self.data.name} train ({self.fid.stats.n} images), "
+                    f"{self.fid.path}",
+                }
+            )
+            if self.decoder is not None:  # latents: which decoder made the images FID saw
+                p["eval.fid_decoder"] = getattr(self.decoder, "name", type(self.decoder).__name__)
+        return p
+
+    @torch.no_grad()
+    def feature_metrics(self, samples: Tensor, key: str) -> dict[str, float]:
+        """Every feature-space metric of ``samples`` against the training references."""
+        # Pixels are clamped to the data range before the extractor; latents are not bounded.
+        x = samples.clamp(-1, 1) if self.data.kind == "image" else samples
+        feats = extract(self.extractor, x)
+        stats = Stats.of(feats)
+        kid_mean, kid_std = quality.kid(feats, self.train_feats)
+        precision, recall = quality.precision_recall(feats, self.train_feats)
+        density, coverage = quality.density_coverage(feats, self.train_feats)
+        m = {
+            f"fd/train/{key}": frechet_distance(stats, self.train_stats),
+            f"fd/test/{key}": frechet_distance(stats, self.test_stats),
+            f"kid/{key}": kid_mean,
+            f"kid_std/{key}": kid_std,
+            f"precision/{key}": precision,
+            f"recall/{key}": recall,
+            f"density/{key}": density,
+            f"coverage/{key}": coverage,
+        }
+        if self.train_labels is not None:
+            labels = self.extractor.head(torch.as_tensor(feats)).argmax(1).numpy()
+            m[f"class_kl/{key}"] = quality.class_kl(
+                labels, self.train_labels, self.data.num_classes
+            )
+        if self.copies is not None:
+            m[f"copy_rate/{key}"] = self.copies.rate(x)
+        return m
+
+    def metrics(self, samples: Tensor, key: str) -> dict[str, float]:
+        """The feature-space metrics, and FID when it is set up."""
+        m = self.feature_metrics(samples, key)
+        if self.fid is not None:
+            from bench.metrics import clean_fid
+
+            transform = self.decode if self.decoder is not None else None
+            m[f"fid/{key}"] = clean_fid.fid(
+                samples, self.fid.stats, self.fid.extractor, self.device, transform=transform
+            )
+        return m
+
+    def table_row(self, m: dict[str, float], key: str) -> str:
+        return (
+            f"{m[f'fd/train/{key}']:9.2f} {m[f'fd/test/{key}']:9.2f} {m[f'kid/{key}']:7.3f}"
+            f" {m[f'precision/{key}']:5.2f} {m[f'recall/{key}']:7.2f}"
+        )
+
+
+class PointSuite:
+    """Distances between point clouds (2-D toys) and the held-out draw; never FD."""
+
+    table_head = "energy    mmd^2"
+    floor_label = "real training points vs the reference"
+
+    def __init__(self, data: Dataset, num_samples: int, seed: int):
+        self.data, self.reference = data, data.test_x
+        # Floor: real training points (a different draw from the reference) at the same count.
+        g = torch.Generator().manual_seed(seed + 1)
+        real = data.train_x[torch.randperm(len(data.train_x), generator=g)[:num_samples]]
+        self.floor = self.metrics(real, "floor")
+
+    def protocol(self) -> dict[str, str]:
+        return {
+            "eval.metric": "energy distance, RBF-MMD^2 (unbiased)",
+            "eval.reference": f"{self.data.name} held-out draw ({len(self.reference)} points)",
+        }
+
+    def metrics(self, x: Tensor, key: str) -> dict[str, float]:
+        return {
+            f"energy/{key}": points.energy_distance(x, self.reference),
+            f"mmd/{key}": points.rbf_mmd2(x, self.reference),
+            f"sw2/{key}": points.sliced_w2(x, self.reference),
+            f"w2/{key}": points.exact_w2(x, self.reference),
+        }
+
+    def table_row(self, m: dict[str, float], key: str) -> str:
+        return f"{m[f'energy/{key}']:8.4f} {m[f'mmd/{key}']:8.4f}"
+
+
+Suite = ImageSuite | PointSuite
+
+
+def suite_for(
+    data: Dataset, num_samples: int, seed: int, device: torch.device, fid: bool = False, **image
+) -> Suite:
+    """The one place that picks a data kind's metrics. ``image``: ``ImageSuite``'s options
+    (``features``, ``inception_dir``, ``cache_dir``, ``fid_extractor``, ``decoder``)."""
+    if data.kind == "points":
+        if fid:
+            raise UserError(f"eval.fid=true needs images, but {data.name} holds 2-D points")
+        return PointSuite(data, num_samples, seed)
+    return ImageSuite(data, num_samples, device, fid=fid, **image)
