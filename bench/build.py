@@ -221,8 +221,8 @@ def apply_compute_budget(cfg: DictConfig) -> None:
         cfg.train.steps = steps
     print(
         f"compute_budget={float(total):g} forward-equivalents: train.steps={steps} "
-        f"({cfg.train.batch_size} x {method.cost()['forward_equivalents_per_sample']:g} per step"
+        f"({cfg.train.batch_size} x {method.cost().per_sample:g} per step"
         f"{f', teacher {spent:g}' if spent else ''}"
-        f"{f', one-off {method.one_off_cost():g}' if method.one_off_cost() else ''})",
+        f"{f', one-off {method.cost().one_off:g}' if method.cost().one_off else ''})",
         flush=True,
     )

@@ -25,6 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from bench import rng
 from bench.errors import UserError
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
@@ -78,7 +79,7 @@ class Dataset:
 
     def batch(self, batch_size: int, seed: int, step: int, conditional: bool = True) -> Batch:
         """The batch for optimizer step ``step``: i.i.d. indices from a (seed, step) generator."""
-        g = torch.Generator().manual_seed(seed * 1_000_003 + step)
+        g = rng.generator(rng.stream_key(seed, step))
         idx = torch.randint(len(self.train_x), (batch_size,), generator=g)
         y = self.train_y[idx] if conditional and self.train_y is not None else None
         return Batch(torch.as_tensor(self.train_x[idx]).float(), y)

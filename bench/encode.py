@@ -40,6 +40,7 @@ import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf
 
+from bench import rng
 from bench.data import IMAGE_SUFFIXES, LATENTS_META, _images_in, latents_meta, load_image
 from bench.errors import EXIT_USER_ERROR, UserError
 
@@ -139,7 +140,7 @@ def encode_batch(vae, x: torch.Tensor, posterior: str, seeds: list[int]) -> np.n
     z = dist.mean
     if posterior == "sample":
         noise = torch.stack(
-            [torch.randn(z.shape[1:], generator=torch.Generator().manual_seed(s)) for s in seeds]
+            [torch.randn(z.shape[1:], generator=rng.generator(key)) for key in seeds]
         )
         z = z + dist.std * noise.to(z.device, z.dtype)
     return (z * vae.config.scaling_factor).float().cpu().numpy()
@@ -249,7 +250,7 @@ def encode(
             chunks = []
             batches = prefetch(pool, [files[j] for j in idx], int(resolution), batch_size)
             for start, x in zip(range(0, len(idx), batch_size), batches, strict=True):
-                seeds = [int(seed) * 1_000_003 + int(j) for j in idx[start : start + batch_size]]
+                seeds = [rng.stream_key(seed, j) for j in idx[start : start + batch_size]]
                 chunks.append(encode_batch(model, x.to(dev), posterior, seeds))
                 bar.update(len(x))
             z = np.concatenate(chunks)

@@ -45,6 +45,7 @@ from bench.perf_report import FM, SWITCHES, fmt, markdown, protocol, record, sum
 from bench.timing import free, host_syncs, peak_memory_gib, profile, timed
 from bench.train import Trainer
 from methods.base import Method, check_budget
+from methods.flow_matching import FlowMatching
 
 DEFAULTS = {  # device type -> values of the keys left null
     "cpu": {"sizes": ["tiny"], "shape": [1, 16, 16], "batch": 128, "warmup": 3, "iters": 20},
@@ -209,7 +210,7 @@ def measure_training(cfg, size, v, method_name, batch, shape, device, ctx) -> di
         finite = bool(torch.isfinite(total))  # the one read-back, after the clock stopped
         syncs = host_syncs(step, device)
         ops = profile(step, device) if ctx["profile"] else None
-    fe = float(method.cost()["forward_equivalents_per_sample"])
+    fe = float(method.cost().per_sample)
     flops = 2 * net.gflops() * 1e9 * fe * batch  # multiply-adds x 2
     ms = seconds / ctx["iters"] * 1e3
     peak = ctx["peak_tflops"]
@@ -238,7 +239,7 @@ def measure_sampling(cfg, size, v, batch, shape, device) -> list[dict]:
     budgets, from fixed noise, in the variant's precision."""
     net = build_net(cfg, size, v, shape).to(device).eval()
     accel.compile_model(net, v.compile, v.compile_backend)
-    sampler = Method()
+    sampler = FlowMatching()  # the base Euler sampler at the flow-matching level
     x0 = random_batch(batch, shape, cfg.num_classes, device)
     rows = []
     with accel.autocast(device, v.precision):

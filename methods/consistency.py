@@ -53,18 +53,20 @@ rose over 300 steps in one seed of four; unclipped it fell 40-80x in all six tri
 
 from __future__ import annotations
 
-import copy
 import hashlib
 import math
+from typing import Literal
 
 import torch
 from torch import Tensor, nn
 
+from bench.budget import Cost
 from bench.data import Batch
 from bench.dit import FLOW_MATCHING_LEVEL
-from bench.errors import UserError
 from bench.guidance import drop_labels, guided_velocity
-from methods.base import Method, Nets, Regression, bcast, interpolate
+from bench.options import Positive, PositiveInt, Probability
+from methods.base import Method, Nets
+from methods.common import Regression, bcast, interpolate, noise
 
 CURRICULUM_LEVELS = 7  # CT steps d = 2^-k, k = 0..6
 DISTILL_LEVEL = 7  # CD: d = 1/128, the teacher's flow-matching level
@@ -76,43 +78,18 @@ class Consistency(Method):
 
     def __init__(
         self,
-        total_steps: int,
-        target: str = "ema",
-        loss: str = "mse",
-        sampler: str = "renoise",
-        clip: float | None = None,
-        label_dropout: float = 0.1,
+        total_steps: PositiveInt,  # the training steps the curriculum spans (${train.steps})
+        target: Literal["ema", "online"] = "ema",
+        loss: Literal["mse", "pseudo_huber"] = "mse",
+        sampler: Literal["renoise", "euler"] = "renoise",
+        clip: Positive | None = None,
+        label_dropout: Probability = 0.1,
         cfg_scale: float = 1.0,
         seed: int = 0,
     ):
         super().__init__()
-        if isinstance(total_steps, bool) or not isinstance(total_steps, int) or total_steps < 1:
-            raise UserError(
-                f"method.total_steps={total_steps!r} must be a positive integer "
-                "(the training steps the curriculum spans, normally ${train.steps})"
-            )
-        for name, value, allowed in [
-            ("target", target, ("ema", "online")),
-            ("loss", loss, ("mse", "pseudo_huber")),
-            ("sampler", sampler, ("renoise", "euler")),
-        ]:
-            if value not in allowed:
-                raise UserError(
-                    f"method.{name}={value!r} is not allowed; choose one of {', '.join(allowed)}"
-                )
-        if clip is not None and not (isinstance(clip, (int, float)) and clip > 0):
-            raise UserError(f"method.clip={clip!r} must be a positive number or null (no clip)")
-        if not (isinstance(label_dropout, (int, float)) and 0.0 <= label_dropout <= 1.0):
-            raise UserError(f"method.label_dropout={label_dropout!r} is outside [0, 1]")
-        self.total_steps, self.target, self.sampler = total_steps, target, sampler
-        self.loss_type, self.clip, self.seed = loss, clip, seed
-        self.label_dropout, self.cfg_scale = label_dropout, cfg_scale
+        self.set_options(locals(), rename={"loss": "loss_type"})  # loss() is the contract's
         self.teacher: nn.Module | None = None  # CD when set (a sub-module, so checkpoints carry it)
-
-    def attach_teacher(self, net: nn.Module) -> None:
-        """Consistency distillation from ``net``: keeps a frozen eval-mode copy as ``teacher``."""
-        assert isinstance(net, nn.Module), f"a teacher must be an nn.Module, got {type(net)}"
-        self.teacher = copy.deepcopy(net).eval().requires_grad_(False)
 
     def train(self, mode: bool = True) -> Consistency:
         super().train(mode)
@@ -128,8 +105,7 @@ class Consistency(Method):
         return min(CURRICULUM_LEVELS - 1, CURRICULUM_LEVELS * max(step, 0) // self.total_steps)
 
     def targets(self, nets: Nets, batch: Batch, step: int) -> Regression:
-        x1, n = batch.x1, len(batch)
-        x0 = batch.x0 if batch.x0 is not None else torch.randn_like(x1)
+        x1, n, x0 = batch.x1, len(batch), noise(batch)
         k = self.level(step)
         d = 2.0**-k
         t = torch.randint(2**k, (n,), device=x1.device).float() * d  # multiples of d in [0, 1-d]
@@ -177,6 +153,8 @@ class Consistency(Method):
 
     @torch.no_grad()
     def sample(self, net: nn.Module, x0: Tensor, steps: int, y: Tensor | None = None) -> Tensor:
+        if self.sampler == "euler":  # the official shortcut code's evaluation of every method
+            return super().sample(net, x0, steps, y)  # Euler, every step at d = step_size = 1
         steps = self.check_budget(steps)
         n = x0.shape[0]
         one = x0.new_ones(n)
@@ -186,11 +164,6 @@ class Consistency(Method):
             tt = torch.full((n,), t, device=x0.device)
             return guided_velocity(net, x, tt, one, y, scale) if y is not None else net(x, tt, one)
 
-        if self.sampler == "euler":  # the official shortcut code's evaluation of every method
-            x = x0
-            for i in range(steps):
-                x = x + jump(x, i / steps) / steps
-            return x
         gen = self.renoise_generator(x0) if steps > 1 else None
         x = x0
         for i in range(steps):
@@ -202,6 +175,6 @@ class Consistency(Method):
                 x = (1 - t_next) * z + t_next * x1_hat
         return x1_hat
 
-    def cost(self) -> dict[str, float]:
+    def cost(self) -> Cost:
         # One fwd+bwd on every row, one no-grad target forward, and one teacher forward for CD.
-        return {"forward_equivalents_per_sample": 4.0 + (self.teacher is not None)}
+        return Cost(per_sample=4.0 + (self.teacher is not None))

@@ -11,16 +11,22 @@ A step budget is ``N`` network evaluations (doubled when CFG is on).
 
 from __future__ import annotations
 
+from typing import Literal, get_args
+
 import torch
 from torch import Tensor
 
+from bench.budget import Cost
 from bench.data import Batch
 from bench.dit import FLOW_MATCHING_LEVEL
 from bench.errors import UserError
 from bench.guidance import drop_labels
-from methods.base import Method, Nets, interpolate
+from bench.options import Probability
+from methods.base import Method, Nets
+from methods.common import interpolate, noise
 
-TIME_SAMPLERS = ("uniform", "grid128", "logit_normal")
+TimeSampler = Literal["uniform", "grid128", "logit_normal"]
+TIME_SAMPLERS = get_args(TimeSampler)
 
 
 def sample_time(n: int, how: str, device) -> Tensor:
@@ -37,25 +43,22 @@ def sample_time(n: int, how: str, device) -> Tensor:
 
 class FlowMatching(Method):
     def __init__(
-        self, time_sampler: str = "uniform", label_dropout: float = 0.1, cfg_scale: float = 1.0
+        self,
+        time_sampler: TimeSampler = "uniform",
+        label_dropout: Probability = 0.1,
+        cfg_scale: float = 1.0,
     ):
         super().__init__()
-        if time_sampler not in TIME_SAMPLERS:
-            raise UserError(
-                f"unknown time sampler {time_sampler!r}; choose one of {', '.join(TIME_SAMPLERS)}"
-            )
-        self.time_sampler, self.label_dropout, self.cfg_scale = (
-            time_sampler,
-            label_dropout,
-            cfg_scale,
-        )
+        self.set_options(locals())
 
     def loss(self, nets: Nets, batch: Batch, step: int) -> tuple[Tensor, dict[str, Tensor]]:
-        x1 = batch.x1
-        x0 = batch.x0 if batch.x0 is not None else torch.randn_like(x1)
+        x1, x0 = batch.x1, noise(batch)
         t = sample_time(x1.shape[0], self.time_sampler, x1.device)
         d = torch.full_like(t, FLOW_MATCHING_LEVEL)
         y = drop_labels(batch.y, self.label_dropout, nets.online.num_classes)
         v = nets.online(interpolate(x0, x1, t), t, d, y)
         loss = (v - (x1 - x0)).square().mean()
         return loss, {"loss/flow": loss.detach()}
+
+    def cost(self) -> Cost:
+        return Cost(per_sample=3.0)  # one forward and its backward per row

@@ -36,83 +36,49 @@ distinct rows      yes                          reflow rows reuse the first flow
 
 from __future__ import annotations
 
-import math
+from typing import Annotated, Literal
 
 import torch
 from torch import Tensor, nn
 
+from bench.budget import Cost
 from bench.data import Batch
 from bench.dit import FLOW_MATCHING_LEVEL
-from bench.errors import UserError
-from bench.guidance import drop_labels, guided_velocity
-from methods.base import BUDGETS, MAX_STEPS, Method, Nets, Regression, interpolate, regression_loss
-from methods.flow_matching import TIME_SAMPLERS, sample_time
+from bench.guidance import drop_labels
+from bench.options import Probability, Range
+from methods.base import MAX_STEPS, Budget, Method, Nets
+from methods.common import Regression, euler, interpolate, leading_rows, noise, regression_loss
+from methods.flow_matching import TimeSampler, sample_time
 
 
 class LiveReflow(Method):
     def __init__(
         self,
-        reflow_ratio: float = 0.25,
-        gen_weights: str = "ema",
-        gen_steps: int = 8,
+        reflow_ratio: Annotated[float, Range(0, 1, hi_open=True)] = 0.25,
+        gen_weights: Literal["ema", "online"] = "ema",
+        gen_steps: Budget = 8,
         gen_cfg_scale: float = 1.0,
-        fm_time: str = "uniform",
-        flow_level_from: int = MAX_STEPS,
-        label_dropout: float = 0.1,
+        fm_time: TimeSampler = "uniform",
+        flow_level_from: Budget = MAX_STEPS,
+        label_dropout: Probability = 0.1,
         cfg_scale: float = 1.0,
     ):
         super().__init__()
-        if not (isinstance(reflow_ratio, (int, float)) and 0.0 <= reflow_ratio < 1.0):
-            raise UserError(
-                f"method.reflow_ratio={reflow_ratio!r} is outside [0, 1); it is the fraction "
-                "of each batch trained on live reflow pairs"
-            )
-        for name, value, allowed in [
-            ("gen_weights", gen_weights, ("ema", "online")),
-            ("fm_time", fm_time, TIME_SAMPLERS),
-        ]:
-            if value not in allowed:
-                raise UserError(
-                    f"method.{name}={value!r} is not allowed; choose one of {', '.join(allowed)}"
-                )
-        for name, value in [("gen_steps", gen_steps), ("flow_level_from", flow_level_from)]:
-            if isinstance(value, bool) or value not in BUDGETS:
-                raise UserError(
-                    f"method.{name}={value!r} is not allowed; "
-                    f"choose one of {', '.join(map(str, BUDGETS))}"
-                )
-        if not (isinstance(label_dropout, (int, float)) and 0.0 <= label_dropout <= 1.0):
-            raise UserError(f"method.label_dropout={label_dropout!r} is outside [0, 1]")
-        self.reflow_ratio, self.gen_weights = float(reflow_ratio), gen_weights
-        self.gen_steps, self.gen_cfg_scale = int(gen_steps), gen_cfg_scale
-        self.fm_time, self.flow_level_from = fm_time, int(flow_level_from)
-        self.label_dropout, self.cfg_scale = label_dropout, cfg_scale
+        self.set_options(locals())
 
     # -- training ------------------------------------------------------------------------------
     def split(self, batch_size: int) -> int:
         """Number of reflow rows (the first ones); floor keeps at least one flow-matching row."""
-        return int(math.floor(self.reflow_ratio * batch_size))
+        return leading_rows(self.reflow_ratio, batch_size)
 
-    @torch.no_grad()
     def generate(self, net: nn.Module, z: Tensor, y: Tensor | None) -> Tensor:
         """``gen_steps`` Euler steps from ``z`` at the flow-matching level (guided if asked)."""
-        n, dt = z.shape[0], 1.0 / self.gen_steps
-        d = torch.full((n,), FLOW_MATCHING_LEVEL, device=z.device)
-        x = z
-        for j in range(self.gen_steps):
-            t = torch.full((n,), j * dt, device=z.device)
-            if y is None:
-                v = net(x, t, d)
-            else:
-                v = guided_velocity(net, x, t, d, y, self.gen_cfg_scale)
-            x = x + dt * v
-        return x
+        return euler(net, z, self.gen_steps, FLOW_MATCHING_LEVEL, y, self.gen_cfg_scale)
 
     def targets(self, nets: Nets, batch: Batch) -> Regression:
         """Inputs and regression targets for every row; reflow rows come first."""
         x1, y, n = batch.x1, batch.y, len(batch)
-        x0 = batch.x0 if batch.x0 is not None else torch.randn_like(x1)
-        m = self.split(n)
+        x0, m = noise(batch), self.split(n)
 
         # Reflow rows [0, m): their own noise, the model's sample of it, the straight line between.
         z, y_r = x0[:m], None if y is None else y[:m]  # real labels, as the pairs were made
@@ -144,8 +110,8 @@ class LiveReflow(Method):
     def guided(self, steps: int) -> bool:
         return self.cfg_scale != 1.0 and self.step_size(steps) == FLOW_MATCHING_LEVEL
 
-    def cost(self) -> dict[str, float]:
+    def cost(self) -> Cost:
         # One fwd+bwd on every row plus gen_steps no-grad forwards on the reflow rows; baked
         # guidance (class-conditional data only) doubles those forwards.
         gen = self.gen_steps * self.reflow_ratio * (2.0 if self.gen_cfg_scale != 1.0 else 1.0)
-        return {"forward_equivalents_per_sample": 3.0 + gen}
+        return Cost(per_sample=3.0 + gen)

@@ -71,28 +71,22 @@ r != t rows          the first floor(ratio B) rows   a fixed count; (Bernoulli p
 
 from __future__ import annotations
 
-import math
+from typing import Annotated, Literal
 
 import torch
 from torch import Tensor
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
+from bench.budget import Cost
 from bench.data import Batch
 from bench.errors import UserError
 from bench.guidance import drop_labels
-from methods.base import Method, Nets, bcast, interpolate
+from bench.options import Positive, Probability, Range, Rule
+from methods.base import Method, Nets
+from methods.common import bcast, interpolate, leading_rows, noise
 
-TIME_SAMPLERS = ("logit_normal", "uniform")
-
-
-def number(name: str, value) -> float:
-    """A numeric option, or one clear sentence naming it."""
-    try:
-        if isinstance(value, bool):
-            raise TypeError
-        return float(value)
-    except (TypeError, ValueError):
-        raise UserError(f"method.{name}={value!r} is not allowed; it must be a number") from None
+#: [lo, hi] inside [0, 1]
+Interval = Annotated[tuple[Probability, Probability], Rule(lambda v: v[0] <= v[1], "with lo <= hi")]
 
 
 class MeanFlow(Method):
@@ -103,62 +97,25 @@ class MeanFlow(Method):
 
     def __init__(
         self,
-        ratio: float = 0.25,
-        time_sampler: str = "logit_normal",
+        ratio: Probability = 0.25,
+        time_sampler: Literal["logit_normal", "uniform"] = "logit_normal",
         time_mu: float = -0.4,
-        time_sigma: float = 1.0,
-        p: float = 1.0,
-        c: float = 1e-3,
+        time_sigma: Positive = 1.0,
+        p: Annotated[float, Range(0)] = 1.0,  # 0: plain squared L2
+        c: Positive = 1e-3,
         omega: float = 1.0,
         kappa: float = 0.0,
-        guidance_interval: tuple[float, float] = (0.0, 1.0),
-        label_dropout: float = 0.1,
-        t_scale: float = 1.0,
+        guidance_interval: Interval = (0.0, 1.0),
+        label_dropout: Probability = 0.1,
+        t_scale: Positive = 1.0,
     ):
         super().__init__()
-        ratio, time_mu, time_sigma, p, c, omega, kappa, label_dropout, t_scale = (
-            number(name, value)
-            for name, value in [
-                ("ratio", ratio),
-                ("time_mu", time_mu),
-                ("time_sigma", time_sigma),
-                ("p", p),
-                ("c", c),
-                ("omega", omega),
-                ("kappa", kappa),
-                ("label_dropout", label_dropout),
-                ("t_scale", t_scale),
-            ]
-        )
-        try:
-            lo, hi = (float(b) for b in guidance_interval)
-        except (TypeError, ValueError):
-            lo = hi = math.nan
-        for name, value, ok, what in [
-            ("ratio", ratio, 0 <= ratio <= 1, "a fraction of the batch in [0, 1]"),
-            ("time_sigma", time_sigma, time_sigma > 0, "a positive standard deviation"),
-            ("p", p, p >= 0, "a power >= 0 (0: plain squared L2)"),
-            ("c", c, c > 0, "a positive constant"),
-            ("label_dropout", label_dropout, 0 <= label_dropout <= 1, "a probability"),
-            ("t_scale", t_scale, t_scale > 0, "a positive sinusoid scale"),
-            ("guidance_interval", guidance_interval, 0 <= lo <= hi <= 1, "[lo, hi] in [0, 1]"),
-        ]:
-            if not ok:
-                raise UserError(f"method.{name}={value!r} is not allowed; it must be {what}")
-        if time_sampler not in TIME_SAMPLERS:
-            raise UserError(
-                f"method.time_sampler={time_sampler!r} is not allowed; choose one of "
-                f"{', '.join(TIME_SAMPLERS)}"
-            )
-        self.ratio, self.time_sampler = ratio, time_sampler
-        self.time_mu, self.time_sigma, self.p, self.c = time_mu, time_sigma, p, c
-        self.omega, self.kappa, self.interval = omega, kappa, (lo, hi)
-        self.label_dropout, self.t_scale = label_dropout, t_scale
+        self.set_options(locals())
 
     # -- training ------------------------------------------------------------------------------
     def split(self, batch_size: int) -> int:
         """Number of rows with ``r != t`` (the first ones; the rest are flow-matching rows)."""
-        return int(math.floor(self.ratio * batch_size))
+        return leading_rows(self.ratio, batch_size)
 
     def sample_times(self, n: int, device) -> tuple[Tensor, Tensor]:
         """``(t, d)`` in the project's time. Drawn as the official code does, in the paper's time:
@@ -195,7 +152,7 @@ class MeanFlow(Method):
             ).chunk(2)
         else:
             u_y, u_null = 0.0, net(xt, t, zero, null)
-        lo, hi = self.interval
+        lo, hi = self.guidance_interval
         on = (y != net.num_classes) & (t >= lo) & (t <= hi)
         guided = self.omega * v + self.kappa * u_y + (1 - self.omega - self.kappa) * u_null
         return torch.where(bcast(on, v), guided, v)
@@ -229,8 +186,7 @@ class MeanFlow(Method):
         return u, (v + bcast(d, v) * dudt).detach()
 
     def loss(self, nets: Nets, batch: Batch, step: int) -> tuple[Tensor, dict[str, Tensor]]:
-        net, x1 = nets.online, batch.x1
-        x0 = batch.x0 if batch.x0 is not None else torch.randn_like(x1)
+        net, x1, x0 = nets.online, batch.x1, noise(batch)
         t, d = self.sample_times(x1.shape[0], x1.device)
         xt = interpolate(x0, x1, t)
         y = drop_labels(batch.y, self.label_dropout, net.num_classes)
@@ -253,7 +209,7 @@ class MeanFlow(Method):
     def guided(self, steps: int) -> bool:
         return False  # guidance is in the trained field: sampling never doubles an evaluation
 
-    def cost(self) -> dict[str, float]:
+    def cost(self) -> Cost:
         # Per row: the forward that keeps its graph (1) and its backward (2), as every method
         # counts them, plus the JVP's tangent pass (1): forward-mode AD runs one extra product per
         # matmul, W dx beside W x (two in attention's QK^T and AV, a few per cent of a DiT's
@@ -263,4 +219,4 @@ class MeanFlow(Method):
         # conditional one when kappa != 0. Wall time is another matter: the math attention
         # kernel the JVP needs is slower than flash attention on a GPU.
         guidance = (1.0 + (self.kappa != 0.0)) if self.guidance else 0.0
-        return {"forward_equivalents_per_sample": 4.0 + guidance}
+        return Cost(per_sample=4.0 + guidance)

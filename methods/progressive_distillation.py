@@ -29,9 +29,11 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
+from bench.budget import Cost
 from bench.data import Batch
 from bench.errors import UserError
-from methods.base import MAX_STEPS, Method, Nets, StageContext, interpolate, two_step_average
+from methods.base import MAX_STEPS, Method, Nets, StageContext
+from methods.common import interpolate, noise, two_step_average
 
 ROUNDS = 7  # 128 -> 64 -> ... -> 1
 
@@ -55,7 +57,7 @@ class ProgressiveDistillation(Method):
         self._students: dict[int, nn.Module] = {}
 
     def attach_teacher(self, net: nn.Module) -> None:
-        self.teacher = copy.deepcopy(net).eval().requires_grad_(False)
+        super().attach_teacher(net)  # the flow-matching model, frozen
         self.round_teacher = copy.deepcopy(self.teacher)
 
     def bind(self, ctx: StageContext) -> None:
@@ -91,8 +93,7 @@ class ProgressiveDistillation(Method):
         ctx.reset_optimizer()
 
     def loss(self, nets: Nets, batch: Batch, step: int) -> tuple[Tensor, dict[str, Tensor]]:
-        x1, y, n = batch.x1, batch.y, len(batch)
-        x0 = batch.x0 if batch.x0 is not None else torch.randn_like(x1)
+        x1, y, n, x0 = batch.x1, batch.y, len(batch), noise(batch)
         steps = round_steps(self.round)
         D = 1.0 / steps
         t = torch.randint(steps, (n,), device=x1.device).float() * D
@@ -104,8 +105,8 @@ class ProgressiveDistillation(Method):
         loss = (v - target).square().mean()
         return loss, {"loss/distill": loss.detach()}
 
-    def cost(self) -> dict[str, float]:
-        return {"forward_equivalents_per_sample": 3.0 + 2.0}  # + two teacher forwards
+    def cost(self) -> Cost:
+        return Cost(per_sample=3.0 + 2.0)  # + two forwards of the round's teacher
 
     def step_size(self, steps: int) -> float:
         return 1.0 / steps

@@ -17,27 +17,32 @@ EMA weights (Liu et al.'s k-rectified flow); the steps after stage 1 are shared 
 Pairs are written in shards to ``<run dir>/reflow_pairs/round_<stage>/`` as they are made: a job killed during
 generation resumes after the last complete shard, and a resumed stage 2 reloads them. Their cost,
 ``num_pairs * gen_steps`` forwards (doubled with CFG), is counted in the run's budget
-(``one_off_cost``), and so is the teacher's training when a teacher is used. The optimizer state and
+(``cost().one_off``), and so is the teacher's training when a teacher is used. The optimizer state and
 the EMA restart at stage 2 (a new model initialised from stage 1). The final one-step distillation of
 the reflow paper is not built.
 """
 
 from __future__ import annotations
 
-import copy
 from pathlib import Path
+from typing import Annotated
 
 import torch
 from torch import Tensor, nn
 
+from bench import rng
+from bench.budget import Cost
 from bench.data import Batch
 from bench.dit import FLOW_MATCHING_LEVEL
 from bench.errors import UserError
-from bench.guidance import drop_labels, guided_velocity
-from methods.base import Method, Nets, StageContext, interpolate
-from methods.flow_matching import TIME_SAMPLERS, sample_time
+from bench.guidance import drop_labels
+from bench.options import PositiveInt, Probability, Range
+from methods.base import Method, Nets, StageContext
+from methods.common import euler, interpolate, noise
+from methods.flow_matching import TimeSampler, sample_time
 
 SHARD = 512  # pairs per shard file
+PAIR_STREAM = 7_777  # the RNG draws of stage s's shard i are index 7,777 s + i of the run's stream
 
 
 class Reflow(Method):
@@ -46,46 +51,20 @@ class Reflow(Method):
 
     def __init__(
         self,
-        stage1_fraction: float = 0.5,
-        num_pairs: int = 4096,
-        gen_steps: int = 128,
-        time_sampler: str = "uniform",
-        label_dropout: float = 0.1,
+        stage1_fraction: Annotated[float, Range(0, 1, lo_open=True, hi_open=True)] = 0.5,
+        num_pairs: PositiveInt = 4096,
+        gen_steps: PositiveInt = 128,
+        time_sampler: TimeSampler = "uniform",
+        label_dropout: Probability = 0.1,
         cfg_scale: float = 1.0,
-        gen_batch_size: int = 512,
-        rounds: int = 1,
+        gen_batch_size: PositiveInt = 512,
+        rounds: PositiveInt = 1,  # reflow stages after stage 1
     ):
         super().__init__()
-        if not 0.0 < stage1_fraction < 1.0:
-            raise UserError(
-                f"method.stage1_fraction={stage1_fraction!r} must lie in (0, 1): the share of train.steps spent on stage 1"
-            )
-        if time_sampler not in TIME_SAMPLERS:
-            raise UserError(
-                f"method.time_sampler={time_sampler!r} is not allowed; choose one of {', '.join(TIME_SAMPLERS)}"
-            )
-        if num_pairs < 1 or gen_steps < 1:
-            raise UserError(
-                f"method.num_pairs={num_pairs} and method.gen_steps={gen_steps} must be positive"
-            )
-        self.stage1_fraction, self.num_pairs, self.gen_steps = stage1_fraction, num_pairs, gen_steps
-        self.time_sampler, self.label_dropout, self.cfg_scale = (
-            time_sampler,
-            label_dropout,
-            cfg_scale,
-        )
-        self.gen_batch_size = gen_batch_size
-        if rounds < 1:
-            raise UserError(
-                f"method.rounds={rounds!r} must be at least 1 (reflow stages after stage 1)"
-            )
-        self.rounds = rounds
-        self.stages = 1 + rounds  # stage 1 (flow matching), then `rounds` reflow stages
+        self.set_options(locals())
+        self.stages = 1 + self.rounds  # stage 1 (flow matching), then `rounds` reflow stages
         self.teacher: nn.Module | None = None
         self.pairs: tuple[Tensor, Tensor, Tensor | None] | None = None  # not in the state dict
-
-    def attach_teacher(self, net: nn.Module) -> None:
-        self.teacher = copy.deepcopy(net).eval().requires_grad_(False)
 
     def stage_starts(self, total_steps: int) -> list[int]:
         first = 0 if self.teacher is not None else round(self.stage1_fraction * total_steps)
@@ -111,7 +90,7 @@ class Reflow(Method):
             if path.exists() or i % world.size != world.rank:  # DDP: shards are dealt out by rank
                 continue
             n = min(SHARD, self.num_pairs - start)
-            g = torch.Generator().manual_seed(ctx.seed * 1_000_003 + 7_777 * stage + i)
+            g = rng.generator(rng.stream_key(ctx.seed, PAIR_STREAM * stage + i))
             x0 = torch.randn((n, *shape), generator=g)
             y = torch.randint(data.num_classes, (n,), generator=g) if conditional else None
             x1 = torch.cat(
@@ -131,15 +110,9 @@ class Reflow(Method):
         ctx.world_barrier()  # every process reads every shard next
 
     def _ode(self, net: nn.Module, x0: Tensor, y: Tensor | None, device) -> Tensor:
-        x = x0.to(device)
         y = None if y is None else y.to(device)
-        n, dt = x.shape[0], 1.0 / self.gen_steps
-        d = torch.full((n,), FLOW_MATCHING_LEVEL, device=device)
-        for i in range(self.gen_steps):
-            t = torch.full((n,), i * dt, device=device)
-            v = guided_velocity(net, x, t, d, y, self.cfg_scale) if y is not None else net(x, t, d)
-            x = x + dt * v
-        return x.float().cpu()
+        x1 = euler(net, x0.to(device), self.gen_steps, FLOW_MATCHING_LEVEL, y, self.cfg_scale)
+        return x1.float().cpu()
 
     def load_pairs(self, run_dir: Path, device, stage: int = 1) -> None:
         shards = sorted(self.folder(run_dir, stage).glob("shard_*.pt"))
@@ -167,8 +140,7 @@ class Reflow(Method):
     # -- training ------------------------------------------------------------------------------
     def loss(self, nets: Nets, batch: Batch, step: int) -> tuple[Tensor, dict[str, Tensor]]:
         if self.pairs is None:  # stage 1: independent coupling
-            x1, y = batch.x1, batch.y
-            x0 = batch.x0 if batch.x0 is not None else torch.randn_like(x1)
+            x1, y, x0 = batch.x1, batch.y, noise(batch)
         else:  # stage 2: the fixed pairs, drawn i.i.d. from the (step-seeded) global RNG
             p0, p1, py = self.pairs
             idx = torch.randint(len(p0), (len(batch),), device=p0.device)
@@ -180,6 +152,8 @@ class Reflow(Method):
         loss = (v - (x1 - x0)).square().mean()
         return loss, {"loss/reflow" if self.pairs is not None else "loss/flow": loss.detach()}
 
-    def one_off_cost(self) -> float:
+    def cost(self) -> Cost:
+        # One fwd+bwd per row in every stage; once per run, the pairs: num_pairs x gen_steps
+        # forwards per reflow round (CFG doubles them).
         per_round = self.num_pairs * self.gen_steps * (2 if self.cfg_scale != 1.0 else 1)
-        return float(per_round * self.rounds)
+        return Cost(per_sample=3.0, one_off=float(per_round * self.rounds))

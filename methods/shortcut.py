@@ -35,25 +35,26 @@ distinct rows      yes (paper)                  reuses the first rows of the bat
 
 from __future__ import annotations
 
-import math
+from typing import Annotated, Literal
 
 import torch
 from torch import Tensor
 
+from bench.budget import Cost
 from bench.data import Batch
 from bench.dit import FLOW_MATCHING_LEVEL
-from bench.errors import UserError
 from bench.guidance import drop_labels
-from methods.base import (
-    MAX_STEPS,
-    Method,
-    Nets,
+from bench.options import Positive, Probability, Range
+from methods.base import MAX_STEPS, Method, Nets
+from methods.common import (
     Regression,
     interpolate,
+    leading_rows,
+    noise,
     regression_loss,
     two_step_average,
 )
-from methods.flow_matching import sample_time
+from methods.flow_matching import TimeSampler, sample_time
 
 NUM_LEVELS = 7  # bootstrap full steps 2d = 2^-k, k = 0..6; level 7 is flow matching
 
@@ -61,42 +62,23 @@ NUM_LEVELS = 7  # bootstrap full steps 2d = 2^-k, k = 0..6; level 7 is flow matc
 class Shortcut(Method):
     def __init__(
         self,
-        k_ratio: float = 0.25,
-        level_sampling: str = "uniform",
-        fm_time: str = "uniform",
-        target_weights: str = "ema",
-        clip: float | None = 4.0,
+        k_ratio: Annotated[float, Range(0, 1, hi_open=True)] = 0.25,
+        level_sampling: Literal["uniform", "even"] = "uniform",
+        fm_time: TimeSampler = "uniform",
+        target_weights: Literal["ema", "online"] = "ema",
+        clip: Positive | None = 4.0,
         bake_cfg_scale: float | None = None,
-        label_dropout: float = 0.1,
+        label_dropout: Probability = 0.1,
         cfg_scale: float = 1.0,
     ):
         super().__init__()
-        if not (isinstance(k_ratio, (int, float)) and 0.0 <= k_ratio < 1.0):
-            raise UserError(
-                f"k_ratio={k_ratio!r} is outside [0, 1); it is the fraction of each batch given self-consistency targets"
-            )
-        for name, value, allowed in [
-            ("level_sampling", level_sampling, ("uniform", "even")),
-            ("target_weights", target_weights, ("ema", "online")),
-            ("fm_time", fm_time, ("uniform", "grid128", "logit_normal")),
-        ]:
-            if value not in allowed:
-                raise UserError(
-                    f"method.{name}={value!r} is not allowed; choose one of {', '.join(allowed)}"
-                )
-        self.k_ratio, self.level_sampling, self.fm_time = float(k_ratio), level_sampling, fm_time
-        self.target_weights, self.clip = target_weights, clip
-        self.bake_cfg_scale, self.label_dropout, self.cfg_scale = (
-            bake_cfg_scale,
-            label_dropout,
-            cfg_scale,
-        )
+        self.set_options(locals())
 
     # -- training ------------------------------------------------------------------------------
     def split(self, batch_size: int) -> int:
         """Number of self-consistency rows in a batch (the first ones; the rest are flow rows).
         Floor, so any k_ratio < 1 leaves at least one flow-matching row to anchor level 7."""
-        return int(math.floor(self.k_ratio * batch_size))
+        return leading_rows(self.k_ratio, batch_size)
 
     def levels(self, n: int, device) -> Tensor:
         """Full-step exponents ``k`` (full step ``2^-k``) for ``n`` self-consistency rows."""
@@ -133,8 +115,7 @@ class Shortcut(Method):
     def targets(self, nets: Nets, batch: Batch) -> Regression:
         """Inputs and regression targets for every row; self-consistency rows come first."""
         x1, y, n = batch.x1, batch.y, len(batch)
-        x0 = batch.x0 if batch.x0 is not None else torch.randn_like(x1)
-        m = self.split(n)
+        x0, m = noise(batch), self.split(n)
 
         # Self-consistency rows [0, m): t on multiples of the full step 2d = 2^-k.
         k = self.levels(m, x1.device)
@@ -173,10 +154,10 @@ class Shortcut(Method):
         # CFG only at the flow-matching level (the paper); coarser levels take the raw velocity.
         return self.cfg_scale != 1.0 and steps == MAX_STEPS
 
-    def cost(self) -> dict[str, float]:
+    def cost(self) -> Cost:
         # One fwd+bwd on every row, plus two no-grad forwards on the k_ratio rows; baked guidance
         # (class-conditional data only) adds an unconditional forward on the rows at the smallest
         # level: 1/7 of them with uniform levels, floor(m/7)/m with the even allocation.
         baked = self.bake_cfg_scale is not None
         extra = 2.0 * self.k_ratio * (1 + (1 / NUM_LEVELS if baked else 0.0))
-        return {"forward_equivalents_per_sample": 3.0 + extra}
+        return Cost(per_sample=3.0 + extra)

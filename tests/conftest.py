@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from methods.base import bcast  # noqa: F401 -- the tests' per-row broadcast is the methods' own
+from methods.common import bcast  # noqa: F401 -- the tests' per-row broadcast is the methods' own
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG_DIR = ROOT / "sweeps"

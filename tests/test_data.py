@@ -42,6 +42,10 @@ def test_batches_are_a_function_of_seed_and_step():
     assert torch.equal(a.x1, b.x1) and torch.equal(a.y, b.y)
     assert not torch.equal(a.x1, c.x1)
     assert ds.batch(16, 0, 5, conditional=False).y is None
+    # The indices keep their published key, seed * 1_000_003 + step (bench.rng.stream_key).
+    g = torch.Generator().manual_seed(3 * 1_000_003 + 5)
+    idx = torch.randint(len(ds.train_x), (16,), generator=g)
+    assert torch.equal(ds.batch(16, 3, 5).x1, ds.train_x[idx].float())
 
 
 def _png(path, colour, size=(20, 12)):

@@ -122,6 +122,11 @@ def test_posterior_samples_are_seeded_per_image(images, tmp_path, vae_dir):
         std = vae.encode(x).latent_dist.std.numpy()
     eps = (za - zm) / (0.18215 * std)
     assert abs(eps.mean()) < 0.1 and 0.9 < eps.std() < 1.1, (eps.mean(), eps.std())
+    # The noise of image j (in sorted order) keeps its published key, seed * 1_000_003 + j.
+    order = sorted(fa)
+    for i, f in enumerate(fa):
+        g = torch.Generator().manual_seed(0 * 1_000_003 + order.index(f))
+        np.testing.assert_allclose(eps[i], torch.randn(eps.shape[1:], generator=g), atol=1e-3)
     by_file = dict(zip(fc, zc, strict=True))
     assert not any(np.allclose(by_file[f], za[i]) for i, f in enumerate(fa))  # seed 1 differs
 

@@ -407,8 +407,8 @@ def test_hydra_groups_are_checked_like_ours():
     [
         ("eval.budgets=[1,256]", "step budget 256 is not allowed for Shortcut"),
         ("eval.budgets=[0]", "step budget 0 is not allowed"),
-        ("method.k_ratio=1.0", "k_ratio=1.0 is outside [0, 1)"),
-        ("method.k_ratio=-0.1", "k_ratio=-0.1 is outside [0, 1)"),
+        ("method.k_ratio=1.0", "method.k_ratio=1.0 is not allowed: a number in [0, 1)"),
+        ("method.k_ratio=-0.1", "method.k_ratio=-0.1 is not allowed: a number in [0, 1)"),
     ],
 )
 def test_budgets_and_k_ratio_at_the_edges_fail_before_training(compose, override, message):

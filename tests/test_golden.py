@@ -46,7 +46,8 @@ import methods.progressive_distillation
 import methods.shortcut
 from bench.data import Batch
 from bench.distributed import SINGLE
-from methods.base import Nets, StageContext, bcast
+from methods.base import Nets, StageContext
+from methods.common import bcast
 from methods.consistency import Consistency
 from methods.live_reflow import LiveReflow
 from methods.meanflow import MeanFlow

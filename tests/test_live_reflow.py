@@ -5,13 +5,14 @@ import pytest
 import torch
 from conftest import Analytic, bcast
 
-from bench.budget import CountingNet
+from bench.budget import Cost, CountingNet
 from bench.data import Batch
 from bench.dit import FLOW_MATCHING_LEVEL
 from bench.ema import EMA
 from bench.errors import UserError
 from bench.mlp import VelocityMLP
-from methods.base import Nets, interpolate
+from methods.base import Nets
+from methods.common import interpolate
 from methods.live_reflow import LiveReflow
 
 MU, STD = torch.tensor([2.0, -1.0]), torch.tensor([0.5, 1.5])
@@ -109,8 +110,8 @@ def test_stated_cost_equals_counted_calls(ratio, gen_cfg):
     ema = CountingNet(VelocityMLP((2,), 16, 2, num_classes=5))
     lr.loss(Nets(online, ema), Batch(torch.randn(400, 2), torch.randint(5, (400,))), 0)
     counted = (online.forward_equivalents() + ema.forward_equivalents()) / 400
-    assert counted == pytest.approx(lr.cost()["forward_equivalents_per_sample"])
-    assert lr.cost()["forward_equivalents_per_sample"] == 3 + 8 * ratio * (2 if gen_cfg != 1 else 1)
+    assert counted == pytest.approx(lr.cost().per_sample)
+    assert lr.cost() == Cost(3 + 8 * ratio * (2 if gen_cfg != 1 else 1))
 
 
 @pytest.mark.parametrize("flow_level_from", [128, 2])
@@ -139,14 +140,24 @@ def test_cfg_only_at_the_flow_matching_level():
 @pytest.mark.parametrize(
     "kwargs,message",
     [
-        ({"reflow_ratio": 1.0}, r"method.reflow_ratio=1.0 is outside \[0, 1\)"),
-        ({"reflow_ratio": -0.1}, r"method.reflow_ratio=-0.1 is outside \[0, 1\)"),
-        ({"reflow_ratio": float("nan")}, r"method.reflow_ratio=nan is outside \[0, 1\)"),
-        ({"gen_weights": "teacher"}, r"method.gen_weights='teacher' is not allowed; choose one"),
-        ({"fm_time": "beta"}, r"method.fm_time='beta' is not allowed; choose one of uniform"),
-        ({"gen_steps": 3}, r"method.gen_steps=3 is not allowed; choose one of 1, 2, 4"),
-        ({"flow_level_from": 256}, r"method.flow_level_from=256 is not allowed; choose one of"),
-        ({"label_dropout": -1}, r"method.label_dropout=-1 is outside \[0, 1\]"),
+        ({"reflow_ratio": 1.0}, r"method.reflow_ratio=1.0 is not allowed: a number in \[0, 1\)$"),
+        ({"reflow_ratio": -0.1}, r"method.reflow_ratio=-0.1 is not allowed: a number in \[0, 1\)"),
+        ({"reflow_ratio": float("nan")}, r"method.reflow_ratio=nan is not allowed: a number in"),
+        (
+            {"gen_weights": "teacher"},
+            r"method.gen_weights='teacher' is not allowed: one of ema, online$",
+        ),
+        (
+            {"fm_time": "beta"},
+            r"method.fm_time='beta' is not allowed: one of uniform, grid128, logit_normal$",
+        ),
+        (
+            {"gen_steps": 3},
+            r"method.gen_steps=3 is not allowed: one of 1, 2, 4, 8, 16, 32, 64, 128$",
+        ),
+        ({"gen_steps": True}, r"method.gen_steps=True is not allowed: one of 1, 2, 4"),
+        ({"flow_level_from": 256}, r"method.flow_level_from=256 is not allowed: one of 1, 2, 4"),
+        ({"label_dropout": -1}, r"method.label_dropout=-1 is not allowed: a number in \[0, 1\]$"),
     ],
 )
 def test_bad_options_are_one_clear_sentence(kwargs, message):

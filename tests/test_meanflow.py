@@ -282,13 +282,14 @@ def test_guided_velocity_mixes_conditional_and_unconditional_at_d_zero():
     "kw,guided_rows", [({}, 0), ({"omega": 2.0}, 1), ({"omega": 1.0, "kappa": 0.5}, 2)]
 )
 def test_stated_cost_is_the_counted_calls_plus_one_tangent_per_row(kw, guided_rows):
-    """``CountingNet`` sees the JVP as one forward with gradient (3 per row); its tangent pass is
+    """``CountingNet`` sees the JVP as one forward with gradient (3 per row) whose tangent pass is
     one forward-equivalent more (bench/budget.py), and folded guidance adds no-grad forwards."""
     online = CountingNet(random_mlp(num_classes=5))
     mf = MeanFlow(label_dropout=0.0, **kw)
     mf.loss(Nets(online, online), Batch(torch.randn(64, 2), torch.randint(5, (64,))), 0)
     assert online.nograd_rows == 64 * guided_rows
-    assert online.forward_equivalents() / 64 + 1 == mf.cost()["forward_equivalents_per_sample"]
+    assert online.grad_rows == online.tangent_rows == 64  # one JVP over every row
+    assert online.forward_equivalents() / 64 == mf.cost().per_sample == 4 + guided_rows
 
 
 # -- (5) sampling ----------------------------------------------------------------------------------
@@ -331,11 +332,19 @@ def test_config_builds_meanflow_on_a_linear_d_embedding(compose):
 @pytest.mark.parametrize(
     "override,message",
     [
-        ("method.time_sampler=grid128", "time_sampler='grid128' is not allowed"),
-        ("method.ratio=1.5", "ratio=1.5 is not allowed"),
-        ("method.c=0", "c=0.0 is not allowed"),
-        ("method.p=abc", "p='abc' is not allowed"),
-        ("method.guidance_interval=[0.9,0.1]", "guidance_interval="),
+        (
+            "method.time_sampler=grid128",
+            "method.time_sampler='grid128' is not allowed: one of logit_normal, uniform",
+        ),
+        ("method.ratio=1.5", "method.ratio=1.5 is not allowed: a number in [0, 1]"),
+        ("method.c=0", "method.c=0 is not allowed: a number > 0"),
+        ("method.p=abc", "method.p='abc' is not allowed: a number >= 0"),
+        (
+            "method.guidance_interval=[0.9,0.1]",
+            "method.guidance_interval=[0.9, 0.1] is not allowed: a list of 2 items, each a number "
+            "in [0, 1] with lo <= hi",
+        ),
+        ("method.guidance_interval=[0.1]", "method.guidance_interval=[0.1] is not allowed"),
     ],
 )
 def test_bad_options_are_one_sentence(compose, override, message):

@@ -75,7 +75,7 @@ def test_further_rounds_make_new_pairs_from_the_previous_round(compose, tmp_path
         for k in (1, 2)
     )
     assert not torch.equal(one["x0"], two["x0"]) and not torch.equal(one["x1"], two["x1"])
-    assert tr.method.one_off_cost() == 2 * 40 * 4
+    assert tr.method.cost().one_off == 2 * 40 * 4
 
 
 def test_pairs_are_the_stage_one_ode_of_their_noise(tmp_path):
@@ -87,16 +87,19 @@ def test_pairs_are_the_stage_one_ode_of_their_noise(tmp_path):
     from methods.base import StageContext
 
     ctx = StageContext(
-        tmp_path, toy2d(n_train=50, n_test=10), torch.device("cpu"), False, 0, lambda: None
+        tmp_path, toy2d(n_train=50, n_test=10), torch.device("cpu"), False, 3, lambda: None
     )
     rf.generate(net, ctx)
     rf.load_pairs(tmp_path, "cpu")
     x0, x1, y = rf.pairs
     torch.testing.assert_close(x1, x0 + 0.5)
+    # Stage s's shard i keeps its published key, seed * 1_000_003 + 7_777 s + i (seed 3 here).
+    g = torch.Generator().manual_seed(3 * 1_000_003 + 7_777 * 1 + 0)
+    assert torch.equal(x0, torch.randn((10, 2), generator=g))
     assert y is None and len(net.calls) == 4  # one batch, gen_steps evaluations
     loss, logs = rf.loss(Nets(net, net), Batch(torch.zeros(6, 2)), 0)
     assert "loss/reflow" in logs and torch.isfinite(loss)
-    assert rf.one_off_cost() == 40
+    assert rf.cost().one_off == 40
 
 
 def test_resume_inside_stage_two_matches_an_uninterrupted_run(compose, tmp_path, monkeypatch):

@@ -6,11 +6,12 @@ import re
 import mlflow
 import pytest
 import torch
-from conftest import run_cli
+from conftest import CONFIG_DIR, run_cli
 
 from bench.errors import UserError
 from bench.run import job
 
+METHODS = sorted(p.stem for p in (CONFIG_DIR / "method").glob("*.yaml"))
 TOY = [
     "train.steps=6",
     "train.batch_size=16",
@@ -195,14 +196,14 @@ def test_a_corrupt_checkpoint_is_one_sentence(compose, mlflow_uri, tmp_path):
     [
         (
             ["method=foo"],
-            "unknown method 'foo'; choose one of: consistency, flow_matching, live_reflow, meanflow, progressive_distillation, reflow, shortcut",
+            f"unknown method 'foo'; choose one of: {', '.join(METHODS)}",
         ),
         (["-m", "size=tiny,XXL"], "unknown size 'XXL'; choose one of: B, L, S, XL, mlp, tiny"),
         (
             ["data=mnist"],
             "unknown data 'mnist'; choose one of: digits16, image_folder, latents, shapes16, toy2d",
         ),
-        (["method.k_ratio=4"], "k_ratio=4 is outside [0, 1)"),
+        (["method.k_ratio=4"], "method.k_ratio=4 is not allowed: a number in [0, 1)"),
         (["eval.budgets=[1,3]"], "step budget 3 is not allowed for Shortcut"),
         (
             ["data=image_folder", "data.path=/nonexistent/images"],

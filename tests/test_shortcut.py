@@ -6,6 +6,7 @@ import pytest
 import torch
 from conftest import Analytic, bcast
 
+from bench.budget import CountingNet
 from bench.data import Batch
 from bench.dit import FLOW_MATCHING_LEVEL
 from bench.ema import EMA
@@ -99,7 +100,7 @@ def test_fraction_of_the_batch(batch, k_ratio, expected):
 
 @pytest.mark.parametrize("bad", [-0.1, 1.0, 4, float("nan")])
 def test_k_ratio_outside_unit_interval_is_one_clear_error(bad):
-    with pytest.raises(UserError, match=r"k_ratio=.* is outside \[0, 1\)"):
+    with pytest.raises(UserError, match=r"method.k_ratio=.* is not allowed: a number in \[0, 1\)$"):
         Shortcut(k_ratio=bad)
 
 
@@ -163,6 +164,27 @@ def train_gaussian(method, mu, std, steps=1500, seed=0):
         opt.step()
         ema.update(net, step)
     return ema.net
+
+
+def counted_per_row(method, batch_size=700, y=None):
+    """Forward-equivalents per row that one loss call really spends (``CountingNet``)."""
+    torch.manual_seed(0)
+    online, ema = (CountingNet(VelocityMLP((2,), 16, 2, num_classes=5)) for _ in range(2))
+    method.loss(Nets(online, ema), Batch(torch.randn(batch_size, 2), y), 0)
+    return (online.forward_equivalents() + ema.forward_equivalents()) / batch_size
+
+
+@pytest.mark.parametrize("kwargs", [{"k_ratio": 0.5, "target_weights": "online"}, {"k_ratio": 0.0}])
+def test_stated_cost_equals_counted_calls_off_the_defaults(kwargs):
+    """The contract test checks the defaults; these options change which networks are called."""
+    sc = Shortcut(**kwargs)
+    assert counted_per_row(sc) == pytest.approx(sc.cost().per_sample)
+
+
+def test_baked_cfg_cost_matches_in_expectation():
+    y = torch.randint(5, (7000,))
+    sc = Shortcut(k_ratio=0.25, bake_cfg_scale=1.5)
+    assert counted_per_row(sc, 7000, y) == pytest.approx(sc.cost().per_sample, rel=0.01)
 
 
 def test_closed_form_gaussian_one_step_map():
