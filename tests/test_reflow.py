@@ -170,3 +170,23 @@ def test_teacher_errors_are_one_sentence(compose, tmp_path, mlflow_uri):
     foreign = next((tmp_path / "runs").glob("flow_matching-mlp*/checkpoint.pt"))
     with pytest.raises(UserError, match="a teacher must share the student's data and model size"):
         job(compose("method=reflow", f"+method.teacher.checkpoint={foreign}", *common))
+
+
+def test_a_teacher_keeps_the_embedding_it_was_trained_with(compose, tmp_path, mlflow_uri):
+    """A MeanFlow teacher (linear d, t unscaled) under a consistency student (level d, 1000 t):
+    the teacher network is built the way its own run built it -- from its run and from a bare
+    checkpoint alike -- never as a copy of the student's network with foreign weights."""
+    from bench.build import prepare, resolve_teacher
+
+    common = [f"paths.root={tmp_path}", f"tracking.uri={mlflow_uri}", "train.steps=2", *SMOKE]
+    cfg = compose("method=consistency", "+method.teacher.method=meanflow", *common)
+    parts = prepare(cfg)
+    found = resolve_teacher(cfg, parts.method, parts.net, job)
+    for teacher in (found.net, parts.method.teacher):
+        assert (teacher.d_embedding, teacher.t_embed.scale) == ("linear", 1.0)
+    assert (parts.net.d_embedding, parts.net.t_embed.scale) == ("level", 1000.0)
+    ckpt = next((tmp_path / "runs").glob("meanflow-*/checkpoint.pt"))
+    cfg = compose("method=consistency", f"+method.teacher.checkpoint={ckpt}", *common)
+    parts = prepare(cfg)
+    found = resolve_teacher(cfg, parts.method, parts.net, job)
+    assert (found.net.d_embedding, found.net.t_embed.scale) == ("linear", 1.0)
