@@ -9,7 +9,6 @@ refuses bad input in one sentence before anything is trained or logged.
 
 from __future__ import annotations
 
-import copy
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -101,15 +100,28 @@ def build(cfg: DictConfig):
         raise UserError(
             f"{data.name} holds {data.shape[0]}-d points; use size=mlp (DiT sizes are for images)"
         )
-    net = make(
+    # How the method embeds d and t (MeanFlow: linear, 1.0) decides how the network is built.
+    embedding = {"d_embedding": method.d_embedding, "t_scale": float(method.t_scale)}
+    net = network(cfg, data, conditional, embedding)
+    accel.prepare_model(net, cfg.train)  # train.grad_checkpoint, train.compile
+    return data, net, method, conditional
+
+
+def network(cfg: DictConfig, data, conditional: bool, embedding: dict) -> torch.nn.Module:
+    """An untrained network of ``cfg.size`` for ``data`` that embeds ``t`` and ``d`` as
+    ``embedding`` says (``d_embedding``, ``t_scale``)."""
+    return make(
         cfg.size,
         input_shape=data.shape,
         num_classes=data.num_classes if conditional else 0,
-        d_embedding=method.d_embedding,  # how the method embeds d and t (MeanFlow: linear, 1.0)
-        t_scale=method.t_scale,
+        **embedding,
     )
-    accel.prepare_model(net, cfg.train)  # train.grad_checkpoint, train.compile
-    return data, net, method, conditional
+
+
+def embedding_of(net: torch.nn.Module) -> dict:
+    """How ``net`` embeds ``t`` and ``d``; checkpoints record it so a teacher is rebuilt as its
+    own run built it, whatever the student embeds."""
+    return {"d_embedding": net.d_embedding, "t_scale": float(net.t_embed.scale)}
 
 
 @dataclass
@@ -189,7 +201,16 @@ def resolve_teacher(
         raise UserError(
             f"{name} needs a teacher: set method.teacher.method (e.g. flow_matching) or method.teacher.checkpoint"
         )
-    found = teachers.resolve(cfg, net, lambda: copy.deepcopy(net), train_job, world)
+
+    def teacher_net(embedding: dict) -> torch.nn.Module:
+        """The student's size, data and classes; the teacher's own embedding. Built without
+        touching the global RNG (its weights are loaded right after)."""
+        with torch.random.fork_rng(devices=[]):
+            return make(
+                cfg.size, input_shape=net.input_shape, num_classes=net.num_classes, **embedding
+            )
+
+    found = teachers.resolve(cfg, net, teacher_net, train_job, world)
     if found is not None:
         method.attach_teacher(found.net.to(next(net.parameters()).device))
     return found

@@ -57,6 +57,11 @@ def remove_stale_temporaries(path: Path) -> list[Path]:
     return removed
 
 
+#: ``meta`` keys added after checkpoints were first written: an older checkpoint without one
+#: still resumes (the run identity already covers what they record).
+OPTIONAL_META = ("embedding",)
+
+
 def load(path: Path, expect_meta: dict | None = None) -> dict:
     """Load ``path``; a truncated file or one written for another model is a ``UserError``."""
     path = Path(path)
@@ -76,6 +81,8 @@ def load(path: Path, expect_meta: dict | None = None) -> dict:
         raise UserError(f"checkpoint {path} is not a fewstep-bench checkpoint (no 'meta' record)")
     if expect_meta is not None:
         for key, want in expect_meta.items():
+            if key not in state["meta"] and key in OPTIONAL_META:
+                continue  # written before the record held it: nothing to compare
             got = state["meta"].get(key)
             if got != want:
                 raise UserError(

@@ -30,6 +30,7 @@ from bench.build import (
     Parts,
     apply_compute_budget,
     build,  # noqa: F401 -- tests and methods' docs name bench.run.build
+    embedding_of,
     make_evaluator,
     prepare,
     resolve_teacher,
@@ -125,6 +126,7 @@ def train(
         "input_shape": list(parts.data.shape),
         "num_classes": int(parts.net.num_classes),
         "method": short_name(cfg.method._target_),
+        "embedding": embedding_of(parts.net),  # how a teacher built from it must embed t, d
     }
     trainer = Trainer(
         parts.net,

@@ -62,7 +62,28 @@ def teacher_config(cfg: DictConfig) -> DictConfig | None:
     return tcfg
 
 
-def _load(path: Path, student: nn.Module, build: Callable[[], nn.Module]) -> nn.Module:
+def recorded_embedding(meta: dict) -> dict:
+    """How the network of a checkpoint embeds ``t`` and ``d`` (``d_embedding``, ``t_scale``).
+    Checkpoints written before the meta record held it are read from the class defaults of the
+    method that trained them (the only way those runs could embed)."""
+    if isinstance(meta.get("embedding"), dict):
+        return dict(meta["embedding"])
+    from bench.build import make_method
+
+    path = CONFIG_DIR / "method" / f"{meta.get('method')}.yaml"
+    if not path.exists():
+        raise UserError(
+            f"teacher checkpoint meta names method {meta.get('method')!r}, which is unknown; "
+            "cannot tell how its network embeds t and d"
+        )
+    node = OmegaConf.load(path)
+    method = type(make_method(OmegaConf.create({"method": {"_target_": node._target_}})))
+    return {"d_embedding": method.d_embedding, "t_scale": float(method.t_scale)}
+
+
+def _load(path: Path, student: nn.Module, build: Callable[[dict], nn.Module]) -> nn.Module:
+    """The EMA weights of the checkpoint at ``path`` in a network of the student's size, data
+    and classes, embedding ``t`` and ``d`` as the teacher's own run did (``build(embedding)``)."""
     state = checkpoint.load(path)
     meta = state["meta"]
     want = {
@@ -76,7 +97,7 @@ def _load(path: Path, student: nn.Module, build: Callable[[], nn.Module]) -> nn.
                 f"teacher checkpoint {path} has {key}={meta.get(key)!r}, but the student has "
                 f"{key}={value!r}; a teacher must share the student's data and model size"
             )
-    net = build()
+    net = build(recorded_embedding(meta))
     ema = {k.removeprefix("net."): v for k, v in state["ema"].items() if k.startswith("net.")}
     net.load_state_dict(ema)
     return net.eval().requires_grad_(False)
@@ -85,13 +106,15 @@ def _load(path: Path, student: nn.Module, build: Callable[[], nn.Module]) -> nn.
 def resolve(
     cfg: DictConfig,
     student: nn.Module,
-    build: Callable[[], nn.Module],
+    build: Callable[[dict], nn.Module],
     train_job: Callable[[DictConfig], object],
     world: ddp.World = ddp.SINGLE,
 ) -> Teacher | None:
     """The teacher named by ``cfg.method.teacher`` (None when there is none). Under DDP rank 0
     holds the lock and decides; when the teacher must be trained, every process trains it
-    (``train_job`` runs on all ranks, so the teacher gets the same processes as the student)."""
+    (``train_job`` runs on all ranks, so the teacher gets the same processes as the student).
+    ``build(embedding)`` makes an untrained network of the student's size and data that embeds
+    ``t`` and ``d`` as the teacher's checkpoint records."""
     spec = cfg.method.get("teacher")
     if not spec:
         return None
