@@ -5,7 +5,46 @@ teacher, a round's teacher). The trainer, the evaluator, the budget and ``bench.
 the members below; a new method implements the two abstract ones and overrides a default only
 where it differs. The loop never asks which method it runs.
 
-==========================================  ==================================================="""
+==========================================  ==========================================================
+member                                      what the harness does with it
+==========================================  ==========================================================
+``loss(nets, batch, step)`` (abstract)      each training step: the loss to minimise and the parts
+                                            to log (``{"loss/flow": ...}``)
+``cost() -> Cost`` (abstract)               budgets: forward-equivalents per training sample
+                                            (``per_sample``; a backward counts as 2 forwards) and
+                                            once per run (``one_off``: pair generation, ...)
+``sample(net, x0, steps, y=None)``          evaluation: noise to data in ``steps`` steps (default:
+                                            Euler, ``t_i = i/N``, conditioned on ``step_size(N)``)
+``nfe(steps, conditional)``                 network evaluations per sample (CFG doubling included)
+``check_budget(steps)``                     refuses a step budget in one sentence, before training
+``attach_teacher(net)``                     hands over a trained teacher (``needs_teacher``); the
+                                            default keeps a frozen copy as ``self.teacher``
+``stage_starts(total_steps)``               the first optimizer step of each of ``stages`` stages
+``begin_stage(stage, nets, ctx, fresh)``    a stage starts (``fresh``) or a run resumes inside it
+``bind(ctx)``                               once, when the trainer is built (files in the run dir)
+``lr_factor(step, total_steps)``            multiplier of the base learning rate
+``trainable_parameters()``                  the method's own parameters the trainer optimises with
+                                            the network (an adaptive loss weight); default none
+``stages``                                  number of training stages (reflow, distillation rounds)
+``needs_teacher``                           ``"no"``, ``"optional"`` or ``"required"``
+``ema_rate``                                an EMA rate the method imposes (None: ``train.ema_rate``)
+``explicit_grad_sync``                      the loss calls the net through ``torch.func`` (DDP hooks
+                                            bypassed: the trainer all-reduces gradients itself)
+``d_embedding``, ``t_scale``                how the network embeds ``d`` and ``t`` (``bench.dit``)
+==========================================  ==========================================================
+
+The default sampler has three knobs a method may set instead of rewriting ``sample`` and
+``nfe``: ``step_size(steps)`` (the ``d`` the net is conditioned on), ``guided(steps)`` (whether
+CFG applies at this budget) and ``cfg_scale``.
+
+Options: every constructor argument is an option, a key of ``sweeps/method/<name>.yaml``,
+declared once in the signature with its type (``bench.options``: ``Literal[...]`` for choices,
+``Annotated[float, Range(...)]`` for bounds); ``self.set_options(locals())`` checks them all in
+one call, with one message style, and keeps each as an attribute of the same name.
+
+Helpers shared by several methods (Euler, noise, the row split, interpolation) live in
+``methods/common.py``; ``CONTRIBUTING.md`` walks through adding a method.
+"""
 
 from __future__ import annotations
 
@@ -118,6 +157,13 @@ class Method(nn.Module, abc.ABC):
     def lr_factor(self, step: int, total_steps: int) -> float:
         """Multiplier of the base learning rate at ``step`` (1 = constant, the default)."""
         return 1.0
+
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        """Parameters of the method itself (not the network's) that the trainer optimises with
+        the network: same optimizer, clipping and gradient all-reduce; no EMA. They live in the
+        method's ``state_dict``, so checkpoints carry them. Default: none -- opting in is
+        explicit, so a teacher copy that forgot ``requires_grad_(False)`` is never trained."""
+        return []
 
     # -- sampling ----------------------------------------------------------------------------
     @torch.no_grad()

@@ -105,3 +105,48 @@ def test_every_config_option_composes_and_builds(compose):
         cfg = compose(f"size={option}")
         net = instantiate(cfg.size, input_shape=(1, 16, 16), num_classes=0)
         assert net(torch.zeros(1, 1, 16, 16), torch.zeros(1), torch.ones(1)).shape == (1, 1, 16, 16)
+
+
+def test_a_methods_own_parameters_are_trained_with_the_network_and_resume_bitwise(
+    compose, tmp_path, monkeypatch
+):
+    """``Method.trainable_parameters``: a learned loss weight (as continuous-time consistency
+    models use) is optimised by the trainer's AdamW, clipped with the network, carried by the
+    checkpoint, and a resumed run ends bitwise where an uninterrupted one does."""
+    from methods.flow_matching import FlowMatching
+
+    class Weighted(FlowMatching):
+        def __init__(self):
+            super().__init__()
+            self.log_w = torch.nn.Parameter(torch.zeros(()))
+
+        def loss(self, nets, batch, step):
+            loss, logs = super().loss(nets, batch, step)
+            return loss * torch.exp(-self.log_w) + self.log_w, logs
+
+        def trainable_parameters(self):
+            return [self.log_w]
+
+    cfg = compose("method=flow_matching", "train.steps=8", "train.grad_clip=1.0", *FAST)
+
+    def trainer(run_dir):
+        data, net, _, conditional = build(cfg)
+        meta = {"identity": "test", "model": net.name}
+        return Trainer(
+            net, Weighted(), data, cfg.train, run_dir, torch.device("cpu"), conditional, meta
+        )
+
+    (tmp_path / "a").mkdir()
+    straight = trainer(tmp_path / "a")
+    straight.fit()
+    assert straight.method.log_w.item() != 0.0  # it was trained
+    (tmp_path / "b").mkdir()
+    first = trainer(tmp_path / "b")
+    first.fit(stop_at=4)
+    resumed = trainer(tmp_path / "b")
+    assert resumed.resume() and resumed.step == 4
+    assert resumed.method.log_w.item() == first.method.log_w.item()
+    resumed.fit()
+    assert torch.equal(straight.method.log_w, resumed.method.log_w)
+    for k, v in straight.net.state_dict().items():
+        assert torch.equal(v, resumed.net.state_dict()[k]), k
