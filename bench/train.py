@@ -97,8 +97,13 @@ class Trainer:
                 f"{type(method).__name__}.stage_starts gave {starts} for {method.stages} stages"
             )
         self.stage_starts = starts
+        # The network's parameters and the method's own (an adaptive loss weight): one
+        # optimizer, one clip, one all-reduce. The method's come last, so a method without any
+        # keeps the optimizer state layout of earlier checkpoints.
+        self.own = list(method.trainable_parameters())
+        self.params = [*net.parameters(), *self.own]
         self.opt = torch.optim.AdamW(
-            net.parameters(),
+            self.params,
             lr=cfg.lr,
             betas=tuple(cfg.betas),
             weight_decay=cfg.weight_decay,
@@ -213,8 +218,9 @@ class Trainer:
                 logs[k] = logs[k] + v / accum if k in logs else v / accum
         if self.wrapped is net:  # no DDP wrapper: average explicitly (no-op for 1 process)
             ddp.average_gradients(net.parameters(), world)
+        ddp.average_gradients(self.own, world)  # DDP's wrapper covers the network only
         if cfg.grad_clip:
-            nn.utils.clip_grad_norm_(net.parameters(), cfg.grad_clip)
+            nn.utils.clip_grad_norm_(self.params, cfg.grad_clip)
         self.opt.step()
         self.ema.update(net, self.step)
         self.method.after_step(self.nets, self.step)
