@@ -19,6 +19,22 @@ IDENTITY_KEYS = ("data", "size", "method", "train", "seed")
 #: checkpointing (same values, other speed/memory). ``precision`` and ``tf32`` do round
 #: differently, so they stay in.
 NOT_IDENTITY = ("log_every", "ckpt_every", "progress", "compile", "grad_checkpoint")
+#: Method options added after runs were recorded, with the value that does what those runs did
+#: (per method ``_target_``). At that value an option is left out of the hash, so a run recorded
+#: before the option existed keeps its identity (run directory, MLflow run); any other value is
+#: hashed. MLflow params still list every option. A new option goes here with its neutral value.
+ADDED_OPTIONS: dict[str, dict[str, object]] = {
+    "methods.progressive_distillation.ProgressiveDistillation": {
+        "clip": None,
+        "bake_cfg_scale": None,
+        "teacher_weights": "online",
+        "d_conditioning": "step",
+        "ema_rate": 0.0,
+        "lr_schedule": "anneal",
+        "reset_optimizer": True,
+    },
+    "methods.meanflow.MeanFlow": {"label_dropout_rows": "any"},
+}
 
 
 def identity_config(cfg: DictConfig, effective: bool = True) -> dict:
@@ -44,8 +60,18 @@ def world_size() -> int:
     return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
 
 
+def without_neutral_additions(config: dict) -> dict:
+    """``config`` without the ``ADDED_OPTIONS`` of its method that sit at their neutral value."""
+    method = config.get("method")
+    if not isinstance(method, dict):
+        return config
+    neutral = ADDED_OPTIONS.get(str(method.get("_target_")), {})
+    kept = {k: v for k, v in method.items() if not (k in neutral and v == neutral[k])}
+    return {**config, "method": kept}
+
+
 def identity_hash(cfg: DictConfig) -> str:
-    blob = json.dumps(identity_config(cfg), sort_keys=True, default=str)
+    blob = json.dumps(without_neutral_additions(identity_config(cfg)), sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:12]
 
 

@@ -72,18 +72,24 @@ def euler(
 
 
 def two_step_average(
-    velocity, xt: Tensor, t: Tensor, d: Tensor, clip: float | None = None
+    velocity,
+    xt: Tensor,
+    t: Tensor,
+    d: Tensor,
+    clip: float | None = None,
+    clip_target: bool = True,
 ) -> Tensor:
     """The velocity of one step of size ``2d`` built from two of size ``d`` (shortcut bootstrap,
     progressive-distillation target): ``(v(x_t, t) + v(x_t + d v(x_t, t), t + d)) / 2``, with the
-    midpoint and the result clipped to ``[-clip, clip]`` when ``clip`` is set."""
+    midpoint clipped to ``[-clip, clip]`` when ``clip`` is set, and the result too unless
+    ``clip_target=False`` (the official progressive-distillation target clips only the midpoint)."""
     dd = bcast(d, xt)
     v1 = velocity(xt, t)
     x_mid = xt + dd * v1
     if clip is not None:
         x_mid = x_mid.clamp(-clip, clip)
     target = (v1 + velocity(x_mid, t + d)) / 2
-    return target.clamp(-clip, clip) if clip is not None else target
+    return target.clamp(-clip, clip) if clip is not None and clip_target else target
 
 
 @dataclass

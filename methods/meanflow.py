@@ -107,6 +107,7 @@ class MeanFlow(Method):
         kappa: float = 0.0,
         guidance_interval: Interval = (0.0, 1.0),
         label_dropout: Probability = 0.1,
+        label_dropout_rows: Literal["any", "r_eq_t"] = "any",
         t_scale: Positive = 1.0,
     ):
         super().__init__()
@@ -131,6 +132,22 @@ class MeanFlow(Method):
         m = self.split(n)
         r_p = torch.cat([r_p[:m], t_p[m:]])
         return 1 - t_p, t_p - r_p  # t = 1 - t', d = s - t = t' - r' (exactly 0 on r = t rows)
+
+    def drop_labels(self, y: Tensor | None, num_classes: int) -> Tensor | None:
+        """Labels for CFG training. ``any``: each row's label is dropped with probability
+        ``label_dropout``. ``r_eq_t`` (official ``cond_drop``): a Binomial(B, p) count of rows is
+        dropped, taken in the official row order -- its ``r = t`` rows first (ours are rows
+        ``m..B-1``), then its ``r != t`` rows (ours ``0..m-1``) if the count is larger."""
+        if self.label_dropout_rows == "any":
+            return drop_labels(y, self.label_dropout, num_classes)
+        if y is None or self.label_dropout <= 0:
+            return y
+        n, m = y.shape[0], self.split(y.shape[0])
+        count = (torch.rand(y.shape, device=y.device) < self.label_dropout).sum()
+        order = torch.cat([torch.arange(m, n), torch.arange(m)]).to(y.device)
+        rank = torch.empty_like(order)
+        rank[order] = torch.arange(n, device=y.device)  # position of each row in that order
+        return torch.where(rank < count, torch.full_like(y, num_classes), y)
 
     @property
     def guidance(self) -> bool:
@@ -189,7 +206,7 @@ class MeanFlow(Method):
         net, x1, x0 = nets.online, batch.x1, noise(batch)
         t, d = self.sample_times(x1.shape[0], x1.device)
         xt = interpolate(x0, x1, t)
-        y = drop_labels(batch.y, self.label_dropout, net.num_classes)
+        y = self.drop_labels(batch.y, net.num_classes)
         v = self.guided_velocity(net, xt, t, x1 - x0, y)
         u, target = self.prediction_and_target(net, xt, t, d, y, v)
         sq = (u - target).square().flatten(1).sum(1)  # ||D||^2 per row, summed over the sample
