@@ -101,10 +101,21 @@ def build(cfg: DictConfig):
             f"{data.name} holds {data.shape[0]}-d points; use size=mlp (DiT sizes are for images)"
         )
     # How the method embeds d and t (MeanFlow: linear, 1.0) decides how the network is built.
-    embedding = {"d_embedding": method.d_embedding, "t_scale": float(method.t_scale)}
+    embedding = method_embedding(method)
     net = network(cfg, data, conditional, embedding)
     accel.prepare_model(net, cfg.train)  # train.grad_checkpoint, train.compile
     return data, net, method, conditional
+
+
+def method_embedding(method) -> dict:
+    """How ``method`` asks the network to embed ``t`` and ``d`` (``d_embedding``, ``t_scale``,
+    ``d_scale``; ``d_scale`` None: the network's default for its ``d_embedding``)."""
+    d_scale = getattr(method, "d_scale", None)
+    return {
+        "d_embedding": method.d_embedding,
+        "t_scale": float(method.t_scale),
+        "d_scale": None if d_scale is None else float(d_scale),
+    }
 
 
 def network(cfg: DictConfig, data, conditional: bool, embedding: dict) -> torch.nn.Module:
@@ -121,7 +132,11 @@ def network(cfg: DictConfig, data, conditional: bool, embedding: dict) -> torch.
 def embedding_of(net: torch.nn.Module) -> dict:
     """How ``net`` embeds ``t`` and ``d``; checkpoints record it so a teacher is rebuilt as its
     own run built it, whatever the student embeds."""
-    return {"d_embedding": net.d_embedding, "t_scale": float(net.t_embed.scale)}
+    return {
+        "d_embedding": net.d_embedding,
+        "t_scale": float(net.t_embed.scale),
+        "d_scale": float(net.d_embed.scale),
+    }
 
 
 @dataclass

@@ -77,6 +77,19 @@ def step_level(d: Tensor) -> Tensor:
 D_EMBEDDINGS = ("level", "linear")
 
 
+#: ``embedding`` option of the methods that use the level: the scales of ``t`` and of the level
+#: ``log2(1/d)`` before the sinusoid. ``dit``: 1000 t and 1000/7 level (the DiT/ADM range);
+#: ``raw``: t in [0, 1] and the integer level 0..7 as they are (the official shortcut DiT,
+#: kvfrans/shortcut-models model.py:82-88 embeds ``t`` unscaled, l. 262 the integer level).
+EMBEDDING_SCALES: dict[str, tuple[float, float]] = {"dit": (1000.0, 1000.0 / 7), "raw": (1.0, 1.0)}
+
+
+def default_d_scale(d_embedding: str, t_scale: float) -> float:
+    """The ``d`` embedder's scale when none is given: the level spread over the range of
+    ``1000 t``; a linear ``d`` scaled like ``t``."""
+    return 1000.0 / 7 if d_embedding == "level" else t_scale
+
+
 def step_input(d: Tensor, how: str) -> Tensor:
     return step_level(d) if how == "level" else d
 
@@ -171,6 +184,7 @@ class DiT(nn.Module):
         d_embedding: str = "level",
         t_scale: float = 1000.0,
         grad_checkpoint: bool = False,
+        d_scale: float | None = None,
     ):
         super().__init__()
         if d_embedding not in D_EMBEDDINGS:
@@ -191,7 +205,7 @@ class DiT(nn.Module):
         self.register_buffer("pos", sincos_2d(hidden, *self.grid)[None], persistent=False)
         self.t_embed = ScalarEmbedder(hidden, scale=t_scale)
         # log2(1/d) in [0, 7] is spread over the same range as 1000 t; a linear d is scaled like t.
-        d_scale = 1000.0 / 7 if d_embedding == "level" else t_scale
+        d_scale = default_d_scale(d_embedding, t_scale) if d_scale is None else d_scale
         self.d_embed = ScalarEmbedder(hidden, scale=d_scale)
         self.y_embed = nn.Embedding(num_classes + 1, hidden)  # row `num_classes` = null label
         self.blocks = nn.ModuleList(

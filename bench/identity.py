@@ -24,7 +24,18 @@ NOT_IDENTITY = ("log_every", "ckpt_every", "progress", "compile", "grad_checkpoi
 #: before the option existed keeps its identity (run directory, MLflow run); any other value is
 #: hashed. MLflow params still list every option. A new option goes here with its neutral value.
 ADDED_OPTIONS: dict[str, dict[str, object]] = {
+    **{
+        f"methods.{module}.{cls}": {"embedding": "dit"}
+        for module, cls in (
+            ("reflow", "Reflow"),
+            ("consistency", "Consistency"),
+            ("live_reflow", "LiveReflow"),
+        )
+    },
+    "methods.shortcut.Shortcut": {"embedding": "dit", "sigma_min": 0.0},
+    "methods.flow_matching.FlowMatching": {"embedding": "dit", "sigma_min": 0.0},
     "methods.progressive_distillation.ProgressiveDistillation": {
+        "embedding": "dit",
         "clip": None,
         "bake_cfg_scale": None,
         "teacher_weights": "online",

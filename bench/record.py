@@ -116,7 +116,10 @@ class RunRecord:
             # The resolved config, secrets redacted (it is logged as an artifact).
             config = OmegaConf.create(redact(OmegaConf.to_container(cfg, resolve=True)))
             OmegaConf.save(config, self.dir / "config.yaml")
-            self.tracker.log_params(flatten(identity_config(cfg, effective=False)))
+            # recipe: shared | official (sweeps/recipe/); its settings are in the params already
+            recipe = str(cfg.get("recipe") or "shared")
+            params = flatten(identity_config(cfg, effective=False))
+            self.tracker.log_params({**params, "recipe": recipe})
             self.tags(
                 {
                     **standard_tags(cfg, identity, net_name, device),
@@ -124,6 +127,7 @@ class RunRecord:
                     # Not part of the identity: W processes train what one does with grad_accum x W.
                     "world_size": str(world.size),
                     "compute_budget": str(cfg.get("compute_budget")),
+                    "recipe": recipe,
                 }
             )
             if not self.tracker.resumed:

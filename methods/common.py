@@ -25,10 +25,14 @@ def bcast(s: Tensor, x: Tensor) -> Tensor:
     return s.view(-1, *([1] * (x.dim() - 1)))
 
 
-def interpolate(x0: Tensor, x1: Tensor, t: Tensor) -> Tensor:
-    """``x_t = (1 - t) x0 + t x1`` with ``t`` of shape (N,) broadcast over the sample dims."""
+def interpolate(x0: Tensor, x1: Tensor, t: Tensor, sigma_min: float = 0.0) -> Tensor:
+    """``x_t = (1 - t) x0 + t x1`` with ``t`` of shape (N,) broadcast over the sample dims; with
+    ``sigma_min > 0`` the path ``(1 - (1 - sigma_min) t) x0 + t x1`` (Lipman et al. 2022; the
+    official shortcut code's 1e-5), which ends at ``x1 + sigma_min x0`` instead of ``x1``."""
     t = bcast(t, x0)
-    return (1 - t) * x0 + t * x1
+    if sigma_min == 0.0:
+        return (1 - t) * x0 + t * x1
+    return (1 - (1 - sigma_min) * t) * x0 + t * x1
 
 
 def noise(batch: Batch) -> Tensor:

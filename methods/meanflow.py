@@ -50,19 +50,38 @@ online network without gradient. Sampling is then unguided: ``N`` in {1, 2, ...,
 
 Defaults and where they come from (ImageNet settings; the official PyTorch CIFAR-10 code differs):
 
+The official JAX code is Gsunshine/meanflow (commit d70cb55): ``meanflow.py`` (``MF``),
+``configs/default.py`` (``CFG``), ``train.py``; in brackets the PyTorch CIFAR-10 code
+(Gsunshine/py-meanflow) where it differs. Every difference is an option or a ``train`` key
+(``recipe=official`` selects the JAX values):
+
 ===================  ==============================  ========================================
 option               default (source)                official JAX code (PyTorch CIFAR-10)
 ===================  ==============================  ========================================
-ratio (r != t rows)  0.25 (paper Table 1)            0.25 (``data_proportion`` 0.75); (0.75)
-time_sampler         logit_normal(-0.4, 1.0) in the  same; (logit-normal(-2, 2), or separate
-                     paper's time (paper Table 1)    t and r laws)
-p                    1.0 (paper Table 1)             1.0; (0.75)
-c                    1e-3 (paper)                    0.01; (1e-3)
-omega, kappa         1.0, 0.0 (guidance off)         1.0, 0.5 (effective scale 2 on B/4)
-guidance_interval    [0, 1] (everywhere)             [0, 1] in the paper's time
-label_dropout        0.1 (both)                      0.1
+ratio (r != t rows)  0.25 (paper Table 1)            0.25: ``data_proportion`` 0.75 are r = t
+                                                     (``MF:72``, ``MF:152-155``); (0.75)
+time_sampler         logit_normal(-0.4, 1.0) in the  logit_normal(-0.4, 1.0), t = max and
+                     paper's time (paper Table 1)    r = min of two draws (``MF:67-69``,
+                                                     ``MF:147-150``); (logit-normal(-2, 2), or
+                                                     separate t and r laws)
+p                    1.0 (paper Table 1)             1.0 (``MF:83``); (0.75)
+c                    1e-3 (paper)                    0.01 (``MF:84``, ``MF:242``); (1e-3)
+omega, kappa         1.0, 0.0 (guidance off)         1.0, 0.5 (``MF:75-76``, ``CFG:62-63``;
+                                                     effective scale 2 on B/4)
+guidance_interval    [0, 1] (everywhere)             [0, 1] in the paper's time (``MF:79-80``)
+label_dropout        0.1 (both)                      0.1 (``MF:77``, ``CFG:58``)
+label_dropout_rows   ``any``: Bernoulli per row      ``r_eq_t``: a Binomial(B, 0.1) count of
+                                                     rows dropped from the first row on, i.e.
+                                                     among the r = t rows (``MF:191-200``)
 t_scale              1 (official code)               1: t and t - r enter the sinusoid as is
-r != t rows          the first floor(ratio B) rows   a fixed count; (Bernoulli per row)
+r != t rows          the first floor(ratio B) rows   a fixed count, the last rows (``MF:152-155``);
+                                                     (Bernoulli per row)
+train.betas          recipe's (shared: 0.9, 0.999)   0.9, 0.95 (``train.py:72-75``,
+                                                     ``CFG:44``)
+train.weight_decay   recipe's (shared: 0.1)          0 (``train.py:74``)
+train.ema_rate       recipe's (shared: 0.999)        0.9999, constant (``CFG:45``,
+                                                     ``utils/ema_util.py:17``)
+eval weights         EMA (``eval.weights``)          EMA (``train.py:156``, ``train.py:185``)
 ===================  ==============================  ========================================
 ``p`` and ``c`` weight each row by ``sg(1 / (||D||^2 + c)^p)``, ``||D||^2`` summed over the sample
 (p = 0: plain squared L2, p = 0.5: pseudo-Huber). The JVP covers every row as in the official code

@@ -66,7 +66,7 @@ from bench.dit import FLOW_MATCHING_LEVEL
 from bench.errors import UserError
 from bench.guidance import guided_velocity
 from bench.options import Positive, Probability
-from methods.base import MAX_STEPS, Method, Nets, StageContext
+from methods.base import MAX_STEPS, Embedding, Method, Nets, StageContext
 from methods.common import interpolate, noise, two_step_average
 
 ROUNDS = 7  # 128 -> 64 -> ... -> 1
@@ -91,6 +91,7 @@ class ProgressiveDistillation(Method):
         ema_rate: Probability | None = 0.0,  # None: train.ema_rate (the official EMA)
         lr_schedule: Literal["anneal", "constant"] = "anneal",
         reset_optimizer: bool = True,
+        embedding: Embedding = "dit",
     ):
         super().__init__()
         self.set_options(locals())
@@ -129,6 +130,7 @@ class ProgressiveDistillation(Method):
         if not fresh:
             return  # the round's teacher and the student are in the checkpoint
         if stage == 0:
+            self.check_teacher_embedding(nets.online)
             nets.online.load_state_dict(
                 self.teacher.state_dict()
             )  # the student starts as the teacher
@@ -142,6 +144,21 @@ class ProgressiveDistillation(Method):
             nets.ema.load_state_dict(nets.online.state_dict())
         if self.reset_optimizer:
             ctx.reset_optimizer()
+
+    def check_teacher_embedding(self, student: nn.Module) -> None:
+        """The student starts as a copy of the teacher's weights, so both must embed ``t`` and
+        ``d`` alike (the scales are not weights: a mismatch would load without complaint)."""
+        from bench.build import embedding_of
+
+        if not all(hasattr(n, "t_embed") for n in (student, self.teacher)):
+            return  # test stubs without embedders
+        mine, theirs = embedding_of(student), embedding_of(self.teacher)
+        if mine != theirs:
+            raise UserError(
+                f"the progressive-distillation teacher embeds t and d as {theirs} but the student "
+                f"as {mine}; give the teacher the student's embedding "
+                "(method.teacher.options.embedding)"
+            )
 
     def token(self, step: float) -> float:
         """The ``d`` the networks are called with for a step of size ``step``."""

@@ -18,6 +18,7 @@ from bench.errors import UserError
 BUDGET_METRIC = re.compile(r"^metrics\.(?P<metric>.+)/steps_(?P<steps>\d+)$")
 RUN_COLUMNS = {
     "tags.method": "method",
+    "tags.recipe": "recipe",
     "tags.size": "size",
     "tags.data": "data",
     "tags.seed": "seed",
@@ -93,6 +94,10 @@ def collect(df: pd.DataFrame, group_by: list[str] | None = None) -> Collected:
     for key in group_by or []:
         runs[key] = df.get(f"params.{key}", df.get(f"tags.{key}"))
     runs["reason"] = runs["reason"].fillna("")
+    # Runs from before recipes existed trained the shared recipe; an official run is its own row.
+    runs["recipe"] = runs["recipe"].fillna("shared")
+    official = runs["recipe"] == "official"
+    runs.loc[official, "method"] = runs.loc[official, "method"].astype(str) + " (official recipe)"
     rows = []
     for col in df.columns:
         m = BUDGET_METRIC.match(col)

@@ -267,6 +267,14 @@ def test_shortcut_targets(name, monkeypatch):
     assert_rows_match(*shortcut_run(name, monkeypatch))
 
 
+@pytest.mark.parametrize("name", ["shortcut_every8", "shortcut_every4"])
+def test_shortcut_sigma_min_is_the_official_path(name, monkeypatch):
+    """With ``sigma_min=1e-5`` no mapping is needed: our path and velocity are the official ones
+    (official x_t casts t to float32, hence the looser tolerance; README "Residuals")."""
+    got, want = shortcut_run(name, monkeypatch, map_sigma=False, sigma_min=SIGMA_MIN)
+    assert_rows_match(got, want, tol=1e-6)
+
+
 def test_fixtures_exercise_the_clips():
     """The official clips acted where a test relies on them (and nowhere in ``pd_round2``)."""
     for name in ("shortcut_every8", "shortcut_every4"):
@@ -628,6 +636,11 @@ PERTURBATIONS = {
     ("shortcut", "online weights for the targets"): (
         shortcut_run,
         dict(name="shortcut_every8", target_weights="online"),
+        None,
+    ),
+    ("shortcut", "sigma_min option at 1e-4"): (
+        shortcut_run,
+        dict(name="shortcut_every8", map_sigma=False, sigma_min=1e-4),
         None,
     ),
     ("shortcut", "sigma_min not mapped"): (

@@ -8,13 +8,20 @@ identity of every existing configuration unchanged.
 
 from __future__ import annotations
 
+import copy
+
+import pytest
 import torch
-from conftest import Analytic, bcast
+from conftest import CONFIG_DIR, SMOKE, Analytic, bcast
+from omegaconf import OmegaConf
 from torch import nn
 
 from bench.data import Batch
 from bench.distributed import SINGLE
-from bench.dit import FLOW_MATCHING_LEVEL
+from bench.dit import EMBEDDING_SCALES, FLOW_MATCHING_LEVEL
+from bench.errors import UserError
+from bench.identity import ADDED_OPTIONS, identity_hash
+from bench.run import job
 from methods.base import Nets, StageContext
 from methods.progressive_distillation import ProgressiveDistillation
 
@@ -100,3 +107,155 @@ def test_pd_official_round_start(tmp_path):
     default.begin_stage(2, nets, ctx, fresh=True)
     assert default.round_teacher.a.item() == 2.0 and nets.ema.a.item() == 2.0 and resets == [1]
     assert default.ema_rate == 0.0 and default.lr_factor(15, 70) == 0.5
+
+
+def test_pd_refuses_a_teacher_that_embeds_differently(tmp_path):
+    from bench.dit import DiT
+
+    def dit(embedding: str) -> DiT:
+        t_scale, d_scale = EMBEDDING_SCALES[embedding]
+        return DiT((1, 4, 4), 16, 1, 2, patch=2, t_scale=t_scale, d_scale=d_scale)
+
+    pd = ProgressiveDistillation(embedding="raw")
+    pd.attach_teacher(dit("dit"))
+    ctx = context(tmp_path)
+    student = dit("raw")
+    with pytest.raises(UserError, match="embeds t and d"):
+        pd.begin_stage(0, Nets(student, copy.deepcopy(student)), ctx, fresh=True)
+
+
+# -- the embedding option --------------------------------------------------------------------------
+@pytest.mark.parametrize("embedding", ["dit", "raw"])
+def test_embedding_option_builds_the_network(compose, embedding):
+    """``raw`` feeds t and the integer level to the sinusoid as they are (official model.py)."""
+    from bench.build import build, embedding_of
+
+    _, net, method, _ = build(compose("method=shortcut", f"method.embedding={embedding}"))
+    t_scale, d_scale = EMBEDDING_SCALES[embedding]
+    assert embedding_of(net) == {"d_embedding": "level", "t_scale": t_scale, "d_scale": d_scale}
+    assert net.t_embed.scale == method.t_scale == t_scale
+
+
+# -- recipe=shared | official ----------------------------------------------------------------------
+METHODS = sorted(p.stem for p in (CONFIG_DIR / "method").glob("*.yaml"))
+OFFICIAL_DIR = CONFIG_DIR / "recipe" / "method" / "official"
+
+
+def sweep_jobs(*arguments: str) -> list[list[str]]:
+    """The override lists Hydra's basic sweeper gives each job of ``-m ARGUMENTS``."""
+    from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    parsed = OverridesParser.create().parse_overrides(list(arguments))
+    (batch,) = BasicSweeper.split_arguments(parsed, max_batch_size=None)
+    return batch
+
+
+def leaves(node, prefix=""):
+    """``{dotted.key: value}`` of every leaf of a plain container."""
+    if isinstance(node, dict):
+        out = {}
+        for k, v in node.items():
+            out.update(leaves(v, f"{prefix}{k}."))
+        return out
+    return {prefix[:-1]: node}
+
+
+def test_every_method_has_an_official_recipe():
+    assert sorted(p.stem for p in OFFICIAL_DIR.glob("*.yaml")) == METHODS
+
+
+def test_a_multirun_over_methods_gives_each_its_own_official_recipe(compose):
+    jobs = sweep_jobs(f"method={','.join(METHODS)}", "recipe=official")
+    assert len(jobs) == len(METHODS)
+    seen = {}
+    for overrides in jobs:
+        cfg = compose(*overrides)
+        method = dict(o.split("=", 1) for o in overrides)["method"]
+        resolved = OmegaConf.to_container(cfg, resolve=True)
+        want = leaves(
+            OmegaConf.to_container(OmegaConf.load(OFFICIAL_DIR / f"{method}.yaml"), resolve=False)
+        )
+        got = leaves(resolved)
+        for key, value in want.items():
+            if isinstance(value, str) and value.startswith("${"):
+                continue  # an interpolation (live reflow's gen_cfg_scale), resolved per run
+            assert got[key] == value, (
+                f"{method}: {key} = {got[key]!r}, its official recipe says {value!r}"
+            )
+        assert resolved["recipe"] == "official"
+        seen[method] = (tuple(resolved["train"]["betas"]), resolved["train"]["ema_rate"])
+    # not one recipe for all: MeanFlow's optimizer and EMA differ from the shortcut code's
+    assert seen["meanflow"] != seen["shortcut"]
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_official_options_are_reachable(compose, method):
+    """Every value an official recipe sets is accepted by the method (a real option)."""
+    from bench.build import make_method
+
+    cfg = compose(f"method={method}", "recipe=official")
+    built = make_method(cfg)
+    for key, value in OmegaConf.to_container(cfg.method, resolve=True).items():
+        if key in ("_target_", "teacher"):
+            continue
+        attr = "loss_type" if key == "loss" else key
+        got = getattr(built, attr)
+        assert (list(got) if isinstance(got, tuple) else got) == value, key
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_shared_recipe_keeps_the_identity_of_existing_runs(compose, method):
+    """recipe=shared is the default and changes no setting; the options added with the recipes
+    sit at their neutral values, which stay out of the hash: the config without them (what runs
+    recorded before had) hashes the same."""
+    from omegaconf import open_dict
+
+    cfg = compose(f"method={method}")
+    assert cfg.recipe == "shared" and compose(f"method={method}", "recipe=shared") == cfg
+    older = copy.deepcopy(cfg)
+    added = ADDED_OPTIONS.get(cfg.method._target_, {})
+    with open_dict(older):
+        for key in added:
+            del older.method[key]
+    assert identity_hash(older) == identity_hash(cfg)
+    for key, neutral in added.items():  # any other value is a run of its own
+        changed = copy.deepcopy(cfg)
+        changed.method[key] = "raw" if key == "embedding" else _other(neutral)
+        assert identity_hash(changed) != identity_hash(cfg), key
+    assert identity_hash(compose(f"method={method}", "recipe=official")) != identity_hash(cfg)
+
+
+def _other(value):
+    """A value of the same kind as ``value`` that differs from it."""
+    if value is None:
+        return 1.0
+    if isinstance(value, bool):
+        return not value
+    if isinstance(value, float):
+        return value + 0.5
+    return value + "_"
+
+
+def test_an_official_pd_run_records_its_recipe(compose, tmp_path, mlflow_uri):
+    """A whole official progressive-distillation run (its official flow-matching teacher too):
+    the EMA teaches, the optimizer is kept, d is constant; MLflow has recipe=official."""
+    import mlflow
+
+    cfg = compose(
+        "method=progressive_distillation",
+        "recipe=official",
+        f"paths.root={tmp_path}",
+        f"tracking.uri={mlflow_uri}",
+        "train.steps=14",
+        *SMOKE,
+        "eval.budgets=[1,64,128]",
+    )
+    job(cfg)
+    runs = mlflow.search_runs(search_all_experiments=True, output_format="list")
+    assert len(runs) == 2  # the teacher and the student
+    for run in runs:
+        assert run.data.tags["recipe"] == run.data.params["recipe"] == "official"
+        assert run.info.status == "FINISHED"
+    student = next(r for r in runs if r.data.tags["method"] == "progressive_distillation")
+    assert student.data.params["method.d_conditioning"] == "constant"
