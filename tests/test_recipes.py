@@ -259,3 +259,26 @@ def test_an_official_pd_run_records_its_recipe(compose, tmp_path, mlflow_uri):
         assert run.info.status == "FINISHED"
     student = next(r for r in runs if r.data.tags["method"] == "progressive_distillation")
     assert student.data.params["method.d_conditioning"] == "constant"
+
+
+@pytest.mark.parametrize("experiment", ["celebahq256", "imagenet256"])
+def test_paper_experiments_run_the_official_recipe(compose, experiment):
+    """Every ``key=value`` the experiment's flag table names is what the experiment composes to,
+    and the recipe is the official one (online weights, raw embedding)."""
+    import re
+
+    import yaml
+
+    cfg = compose(f"+experiment={experiment}", "data.path=/nowhere")
+    assert cfg.recipe == "official" and cfg.eval.weights == "online"
+    assert cfg.method.embedding == "raw" and cfg.method.k_ratio == 0.125
+    text = (CONFIG_DIR / "experiment" / f"{experiment}.yaml").read_text()
+    table = [line for line in text.splitlines() if line.startswith("# |")]
+    pairs = re.findall(r"((?:method|train|eval)\.[a-z_]+)=(\[[^\]]*\]|[^\s|()]+)", "\n".join(table))
+    assert len(pairs) >= 12, pairs
+    for key, value in pairs:
+        got = OmegaConf.select(cfg, key)
+        got = OmegaConf.to_container(got) if OmegaConf.is_config(got) else got
+        assert got == yaml.safe_load(value), (
+            f"{experiment}: {key} is {got!r}, its table says {value}"
+        )
