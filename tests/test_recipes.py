@@ -274,7 +274,9 @@ def test_paper_experiments_run_the_official_recipe(compose, experiment):
     assert cfg.method.embedding == "raw" and cfg.method.k_ratio == 0.125
     text = (CONFIG_DIR / "experiment" / f"{experiment}.yaml").read_text()
     table = [line for line in text.splitlines() if line.startswith("# |")]
-    pairs = re.findall(r"((?:method|train|eval)\.[a-z_]+)=(\[[^\]]*\]|[^\s|()]+)", "\n".join(table))
+    pairs = re.findall(
+        r"((?:method|train|eval|size)\.[a-z_]+)=(\[[^\]]*\]|[^\s|(),]+)", "\n".join(table)
+    )
     assert len(pairs) >= 12, pairs
     for key, value in pairs:
         got = OmegaConf.select(cfg, key)
@@ -282,3 +284,27 @@ def test_paper_experiments_run_the_official_recipe(compose, experiment):
         assert got == yaml.safe_load(value), (
             f"{experiment}: {key} is {got!r}, its table says {value}"
         )
+
+
+def test_official_backbone_options():
+    """attention=official scales the logits by 1/head_dim, adaln_init=xavier leaves the blocks'
+    adaLN weights non-zero; the defaults are the DiT's (bitwise the network of before)."""
+    from bench.dit import DiT
+
+    def net(**kw):
+        torch.manual_seed(0)
+        return DiT((1, 4, 4), 16, 1, 2, patch=2, **kw)
+
+    default, official = net(), net(attention="official", adaln_init="xavier")
+    assert default.blocks[0].adaLN[-1].weight.abs().sum() == 0
+    assert official.blocks[0].adaLN[-1].weight.abs().sum() > 0
+    attn, x = default.blocks[0].attn, torch.randn(2, 4, 16)
+    naive = copy.deepcopy(attn)
+    naive.naive = True
+    torch.testing.assert_close(attn(x), naive(x))  # the spelled-out softmax is SDPA's
+    official_attn = copy.deepcopy(attn)
+    official_attn.scale = 1 / 8  # head_dim 8: the official temperature
+    assert official.blocks[0].attn.scale == 1 / 8
+    naive.scale = 1 / 8
+    torch.testing.assert_close(official_attn(x), naive(x))
+    assert not torch.allclose(official_attn(x), attn(x))
