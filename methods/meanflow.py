@@ -94,15 +94,14 @@ from typing import Annotated, Literal
 
 import torch
 from torch import Tensor
-from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from bench.budget import Cost
 from bench.data import Batch
-from bench.errors import UserError
 from bench.guidance import drop_labels
 from bench.options import Positive, Probability, Range, Rule
 from methods.base import Method, Nets
 from methods.common import bcast, interpolate, leading_rows, noise
+from methods.jvp import jvp
 
 #: [lo, hi] inside [0, 1]
 Interval = Annotated[tuple[Probability, Probability], Rule(lambda v: v[0] <= v[1], "with lo <= hi")]
@@ -198,27 +197,14 @@ class MeanFlow(Method):
     ) -> tuple[Tensor, Tensor]:
         """``u = net(z_t, t, d)`` (with its graph) and the target ``sg(v + d du/dt)``, both from one
         JVP with tangents ``(v, 1, -1)`` on ``(z, t, d)``."""
-        if getattr(net, "grad_checkpoint", False):  # recomputation would drop the tangents
-            raise UserError(
-                "train.grad_checkpoint=true does not work with MeanFlow: activation checkpointing "
-                "cannot replay its JVP; use train.grad_checkpoint=false"
-            )
-        if any(getattr(m, "_compiled_call_impl", None) is not None for m in net.modules()):
-            # Not that it is known to fail: that compiled code keeps forward-mode tangents right
-            # has not been checked here, and a wrong tangent is a silently wrong target.
-            raise UserError(
-                "train.compile does not work with MeanFlow here: torch.compile under torch.func.jvp "
-                "is untested in this harness; use train.compile=false"
-            )
-        # Forward-mode AD has no rule for the flash / memory-efficient attention kernels: use the
-        # math kernel. Autocast off: the JVP runs in fp32 under train.precision=bf16 too, as the
-        # official PyTorch code does (the target is a derivative; bf16 keeps ~3 digits).
-        with sdpa_kernel(SDPBackend.MATH), torch.autocast(xt.device.type, enabled=False):
-            u, dudt = torch.func.jvp(
-                lambda z, tt, dd: net(z, tt, dd, y),
-                (xt, t, d),
-                (v, torch.ones_like(t), -torch.ones_like(d)),
-            )
+        # fp32 and math attention inside (methods/jvp.py); the primal output keeps its graph.
+        u, dudt = jvp(
+            net,
+            "MeanFlow",
+            lambda z, tt, dd: net(z, tt, dd, y),
+            (xt, t, d),
+            (v, torch.ones_like(t), -torch.ones_like(d)),
+        )
         return u, (v + bcast(d, v) * dudt).detach()
 
     def loss(self, nets: Nets, batch: Batch, step: int) -> tuple[Tensor, dict[str, Tensor]]:
