@@ -38,7 +38,7 @@ if TYPE_CHECKING:  # the record imports the trainer; the evaluator needs neither
 
 #: Bumped whenever a metric's definition changes: stored results of another version are
 #: recomputed on the next run instead of being reported beside new ones.
-METRICS_VERSION = 2
+METRICS_VERSION = 3  # 3: bootstrap intervals of FD/FID; random-cnn features z-scored
 
 
 @dataclass

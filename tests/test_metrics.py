@@ -7,7 +7,13 @@ from scipy import linalg
 
 from bench import data
 from bench.metrics import bootstrap, points
-from bench.metrics.feature_net import accuracy, load_feature_net, train_feature_net, weights_hash
+from bench.metrics.feature_net import (
+    accuracy,
+    extract,
+    load_feature_net,
+    train_feature_net,
+    weights_hash,
+)
 from bench.metrics.frechet import Stats, frechet_distance
 from bench.metrics.suites import sig
 
@@ -41,10 +47,19 @@ def test_retraining_the_digits_feature_net_is_deterministic_and_accurate():
     assert weights_hash(b) == weights_hash(c)
 
 
-def test_unknown_datasets_get_a_named_random_cnn():
-    net, extractor = load_feature_net("my_folder", 3)
-    again, _ = load_feature_net("my_folder", 3)
+def test_unknown_datasets_get_a_named_random_cnn_z_scored_on_the_training_split():
+    train_x = torch.rand(200, 3, 16, 16, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    net, extractor = load_feature_net("my_folder", 3, train_x=train_x)
+    again, _ = load_feature_net("my_folder", 3, train_x=train_x)
     assert extractor == "random-cnn" and weights_hash(net) == weights_hash(again)
+    f = torch.as_tensor(extract(net, train_x), dtype=torch.float64)
+    assert net.kept > 0 and f.shape == (200, net.kept)
+    torch.testing.assert_close(
+        f.mean(0), torch.zeros(net.kept, dtype=torch.float64), atol=1e-4, rtol=0
+    )
+    torch.testing.assert_close(
+        f.std(0), torch.ones(net.kept, dtype=torch.float64), atol=1e-4, rtol=0
+    )
 
 
 def test_point_distances_separate_shifted_samples():

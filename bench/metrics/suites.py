@@ -30,7 +30,7 @@ from torch import Tensor
 from bench.data import Dataset
 from bench.errors import UserError
 from bench.metrics import bootstrap, points, quality
-from bench.metrics.feature_net import extract, load_feature_net, weights_hash
+from bench.metrics.feature_net import Standardised, extract, load_feature_net, weights_hash
 from bench.metrics.frechet import Stats, frechet_distance
 
 
@@ -160,6 +160,11 @@ class ImageSuite:
             f"test ({len(self.data.test_x)}) splits",
             "eval.extractor": self.extractor_name,
             "eval.extractor_hash": self.extractor_hash,
+            "eval.feature_scaling": (
+                f"z-scored by the train split ({self.extractor.kept} dimensions not constant there)"
+                if isinstance(self.extractor, Standardised)
+                else "none"
+            ),
             "eval.floor_count": str(self.floor_count),
             "eval.other_metrics": "KID (cubic kernel, z-scored features, 20 subsets), "
             "precision/recall and density/coverage (k=3), class-histogram KL, "
