@@ -187,6 +187,9 @@ class Evaluator:
             if grid is not None:
                 record.artifact(grid, "grids")
         others = self.other_protocols(record, key, results)
+        # The run-level eval.* tags describe this evaluation only: say when budgets of another
+        # protocol share the run (their own protocol/steps_N tags name it).
+        record.tags({"eval.other_protocol_budgets": ",".join(map(str, sorted(others))) or "none"})
         print(self.table(results, others), flush=True)
         return results
 

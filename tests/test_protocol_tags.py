@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 
+import pytest
 import torch
 
 from bench.data import toy2d
@@ -75,10 +76,12 @@ def test_each_budget_carries_its_own_protocol_and_the_table_names_the_others(tmp
     (note,) = [line for line in out.splitlines() if "NOT IN THIS TABLE" in line]
     assert "steps 2" in note and "num_samples=64 (here 32)" in note
     assert not [line for line in out.splitlines() if line.lstrip().startswith("2 ")]
+    assert tracker.tags["eval.other_protocol_budgets"] == "2"
 
     # The first protocol again: reused from the record, and shown with its protocol again.
     _, again, out = evaluate(data, record, 64, (1, 2), capsys)
     assert "evaluating nothing more" in out and "NOT IN THIS TABLE" not in out
+    assert tracker.tags["eval.other_protocol_budgets"] == "none"
     assert tracker.tags["protocol_key/steps_1"] == at64.reuse_key()
     assert (
         tracker.metrics["energy/steps_1"]
@@ -86,3 +89,22 @@ def test_each_budget_carries_its_own_protocol_and_the_table_names_the_others(tmp
         == again[1]["energy/steps_1"]
     )
     assert RunRecord(tmp_path).state["latest"] == {"1": at64.reuse_key(), "2": at64.reuse_key()}
+
+
+def test_the_bootstrap_setting_is_part_of_the_protocol_and_checked(compose):
+    from bench.build import make_evaluator
+    from bench.data import digits16
+    from bench.errors import UserError
+
+    data = digits16()
+
+    def evaluator(*overrides):
+        cfg = compose("eval.features=pixel_pca", "eval.num_samples=64", *overrides)
+        return make_evaluator(cfg, data, torch.device("cpu"), False)
+
+    base, fewer = evaluator(), evaluator("eval.bootstrap=50")
+    assert "200 resamples" in base.protocol()["eval.bootstrap"]
+    assert base.reuse_key() != fewer.reuse_key()
+    assert evaluator("eval.bootstrap=0").protocol()["eval.bootstrap"] == "none"
+    with pytest.raises(UserError, match=r"eval.bootstrap=-1 is not allowed"):
+        evaluator("eval.bootstrap=-1")
