@@ -10,6 +10,7 @@ import numpy as np
 import pandas as pd
 import pytest
 from PIL import Image
+from scipy import stats
 
 from bench.errors import UserError
 
@@ -114,10 +115,14 @@ def test_tables_hold_exactly_the_logged_numbers(store, tmp_path):
     out = build(store, tmp_path / "report")
     md = (out / "report.md").read_text()
     row = next(l for l in md.splitlines() if "/ shortcut" in l)
-    assert "**11.00 ± 1.41**" in row  # mean +- sample std of 10 and 12, best at 1 step
-    assert "6.00 ± 1.41" in row and "**2.25 ± 0.35**" in row
+    # mean +- half-width of the 95% t-interval over the two seeds (t_{0.975,1} s / sqrt(2))
+    half = lambda a, b: stats.t.ppf(0.975, 1) * np.std([a, b], ddof=1) / np.sqrt(2)  # noqa: E731
+    assert f"11.00 ± {half(10, 12):.2f}" in row and f"6.00 ± {half(5, 7):.2f}" in row
+    assert f"2.25 ± {half(2, 2.5):.2f}" in row
     fm = next(l for l in md.splitlines() if "/ flow_matching" in l)
-    assert "100.00" in fm and "**4.00**" in fm and "not measured" in fm
+    # one seed, no bootstrap bounds: the best mean cannot be tested, and says so (°)
+    assert "100.00" in fm and "**4.00**°" in fm and "not measured" in fm
+    assert "**6.00" not in row and "*6.00" not in row
     failed = next(l for l in md.splitlines() if "/ consistency" in l)
     assert "failed: training diverged at step 7" in failed
     assert "1:1, 4:4, 128:256" not in row and "128:256" in row  # NFE differs from steps only at 128
@@ -128,7 +133,8 @@ def test_tables_hold_exactly_the_logged_numbers(store, tmp_path):
     sc = tidy[(tidy.method == "shortcut") & (tidy.metric == "fd/train") & (tidy.steps == 1)]
     assert sorted(sc.value) == [10.0, 12.0]
     tex = (out / "table.tex").read_text()
-    assert "\\textbf{11.00 $\\pm$ 1.41}" in tex and "\\begin{tabular}" in tex
+    assert "\\textbf{4.00}$^\\circ$" in tex and "\\begin{tabular}" in tex
+    assert f"11.00 $\\pm$ {half(10, 12):.2f}" in tex
 
 
 def test_figures_grids_and_a_well_formed_local_html(store, tmp_path):
