@@ -54,6 +54,8 @@ def group_hash(cfg: DictConfig) -> str:
     report can put them in one cell and give a mean and an interval over seeds (MLflow tag
     ``group_hash``; ``reports.collect`` groups by it)."""
     identity = {k: v for k, v in identity_config(cfg).items() if k != "seed"}
+    if isinstance(identity.get("train"), dict):  # train.seed interpolates ${seed}
+        identity["train"] = {k: v for k, v in identity["train"].items() if k != "seed"}
     blob = json.dumps(identity, sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:12]
 

@@ -198,7 +198,7 @@ def status_report(c: Collected, cfg: DictConfig, out: Path) -> Path:
     ).set_index("run")
     head = (
         f"no run logged any metric ({len(runs)} runs: "
-        + ", ".join(f"{n} {s}" for s, n in runs["status"].value_counts().items())
+        + ", ".join(f"{n} {s}" for s, n in sorted(runs["status"].value_counts().items()))
         + ")"
     )
     (out / "report.md").write_text(
@@ -288,7 +288,10 @@ def build(cfg: DictConfig) -> Path:
     md += [f"- {s}" for s in significance]
     if paired is not None:
         md += ["", f"## Paired differences vs {paired.baseline}", ""]
-        md += [tables.paired_frame(paired, lambda x: f"**{x}**").to_markdown(), ""]
+        md += [
+            tables.paired_frame(paired, lambda x: f"**{x}**").to_markdown(disable_numparse=True),
+            "",
+        ]
         md += [tables.PAIRED_LEGEND]
     if notes:
         md += ["", "## Notes", ""] + [f"- {n}" for n in notes]

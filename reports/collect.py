@@ -205,7 +205,11 @@ def seed_groups(runs: pd.DataFrame, df: pd.DataFrame) -> tuple[pd.Series, list[s
             continue
         fallback += 1
         src = by_id.loc[r["run_id"]]
-        ident = {c: _str(src[c]) for c in params}
+        seed = _str(src.get("params.seed", r["seed"]))
+        # ``train.seed: ${seed}`` and the like: a parameter named seed that holds the run's seed
+        ident = {
+            c: _str(src[c]) for c in params if not (c.endswith(".seed") and _str(src[c]) == seed)
+        }
         ident.update({k: _str(r[k]) for k in ("method", "size", "data", "k_ratio")})
         groups.append("p-" + _hash(ident))
     notes = []

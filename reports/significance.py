@@ -121,8 +121,8 @@ def mark(cells: dict[str, Cell], lower_is_better: bool) -> tuple[dict[str, str],
     welch = [c for c in comparisons if c.test == "welch" and c.different is None]
     for c, p in zip(welch, holm([c.p for c in welch]), strict=True):
         c.p, c.different = p, p < ALPHA
-    if not comparisons:
-        return {best: "untested"}, []
+    if not comparisons:  # a column of one cell: nothing to rank
+        return {}, []
     ties = [c.other for c in comparisons if c.different is False]
     if ties:
         return {r: "tie" for r in [best, *ties]}, comparisons

@@ -290,7 +290,7 @@ def _tex_style(x, m):
 
 
 def to_markdown(t: Table) -> str:
-    return _rows(t, _md_style).to_markdown()
+    return _rows(t, _md_style).to_markdown(disable_numparse=True)
 
 
 def to_html(t: Table) -> str:
