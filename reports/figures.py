@@ -95,25 +95,47 @@ def metric_vs_nfe(values: pd.DataFrame, metric: str, path: Path) -> Path | str:
     return _save(fig, path)
 
 
+def _budgets(values: pd.DataFrame) -> list[int]:
+    """The step budgets an ablation shows: 1 / 4 / 128 where measured, else first and last."""
+    have = sorted(values["steps"].unique())
+    return [b for b in SAMPLE_BUDGETS if b in have] or sorted({have[0], have[-1]})
+
+
+def _ablation(values: pd.DataFrame, x: str, line: list[str], path: Path, metric: str, **labels):
+    """Mean over seeds and 95% band of ``metric`` against ``x``, one line per ``line`` values."""
+    d = values[values["steps"].isin(_budgets(values))]
+    s = seed_stats(d, [*line, "steps", x])
+    # colour: the configuration; line style: the step budget
+    configs = sorted({tuple(k) for k in s[line].itertuples(index=False)})
+    colors = dict(zip(configs, sns.color_palette("tab10", len(configs)), strict=True))
+    styles = dict(zip(sorted(s["steps"].unique()), ["-", "--", ":", "-."] * 4, strict=False))
+    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    for key, g in s.groupby([*line, "steps"]):
+        g = g.sort_values(x)
+        *parts, steps = key
+        color = colors[tuple(parts)]
+        label = ", ".join([*map(str, parts), f"{steps} step" + ("s" if steps > 1 else "")])
+        ax.plot(g[x], g["mean"], marker="o", color=color, linestyle=styles[steps], label=label)
+        ax.fill_between(g[x], g["low"], g["high"], color=color, alpha=0.2, linewidth=0)
+    ylog = _log_y(ax, s[["mean", "low"]].to_numpy())
+    ax.set(ylabel=metric + ylog, **labels)
+    ax.legend(fontsize=7)
+    return fig, ax
+
+
 def metric_vs_size(values: pd.DataFrame, metric: str, path: Path) -> Path | str:
     if values["size"].nunique() < 2:
         return "one model size only"
     order = [s for s in SIZE_ORDER if s in set(values["size"])] + sorted(
         set(values["size"]) - set(SIZE_ORDER)
     )
-    d = values.assign(x=values["size"].map(order.index))
-    s = seed_stats(d, ["method", "steps", "x"])
-    fig, ax = plt.subplots(figsize=(6.4, 4.2))
-    keys = list(s.groupby(["method", "steps"]).groups)
-    palette = sns.color_palette("tab10", len(keys))
-    for color, ((method, steps), g) in zip(palette, s.groupby(["method", "steps"]), strict=True):
-        g = g.sort_values("x")
-        ax.plot(g["x"], g["mean"], marker="o", color=color, label=f"{method}, {steps} steps")
-        ax.fill_between(g["x"], g["low"], g["high"], color=color, alpha=0.2, linewidth=0)
+    # a line per configuration with the size taken out of its row label
+    config = values["row"].map(lambda r: " / ".join(p for p in r.split(" / ")[2:] if p != "-"))
+    d = values.assign(x=values["size"].map(order.index), config=config)
+    fig, ax = _ablation(
+        d, "x", ["config"], path, metric, xlabel="model size", title=f"{metric} vs model size"
+    )
     ax.set_xticks(range(len(order)), order)
-    ylog = _log_y(ax, s[["mean", "low"]].to_numpy())
-    ax.set(xlabel="model size", ylabel=metric + ylog, title=f"{metric} vs model size")
-    ax.legend(fontsize=7)
     return _save(fig, path)
 
 
@@ -122,17 +144,16 @@ def k_ratio_ablation(values: pd.DataFrame, metric: str, path: Path) -> Path | st
     if d["k_ratio"].nunique() < 2:
         return "no k-ratio sweep"
     d = d.assign(k_ratio=d["k_ratio"].astype(float))
-    s = seed_stats(d, ["steps", "k_ratio"])
-    fig, ax = plt.subplots(figsize=(6.4, 4.2))
-    palette = sns.color_palette("viridis", s["steps"].nunique())
-    for color, (steps, g) in zip(palette, s.groupby("steps"), strict=True):
-        g = g.sort_values("k_ratio")
-        ax.plot(g["k_ratio"], g["mean"], marker="o", color=color, label=f"{steps} steps")
-        ax.fill_between(g["k_ratio"], g["low"], g["high"], color=color, alpha=0.2, linewidth=0)
-    ylog = _log_y(ax, s[["mean", "low"]].to_numpy())
-    ax.set(xlabel="k ratio (self-consistency fraction)", ylabel=metric + ylog)
-    ax.set_title("k-ratio ablation (band: 95% interval)")
-    ax.legend(fontsize=8)
+    line = ["method"] + (["size"] if d["size"].nunique() > 1 else [])
+    fig, _ = _ablation(
+        d,
+        "k_ratio",
+        line,
+        path,
+        metric,
+        xlabel="k ratio (self-consistency fraction)",
+        title="k-ratio ablation (band: 95% interval)",
+    )
     return _save(fig, path)
 
 

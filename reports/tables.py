@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass, field
+from functools import partial
 
 import pandas as pd
 
@@ -54,10 +55,11 @@ class Table:
     cells: dict  # (row, column key) -> Cell
     status: dict  # (row, column key) -> why the cell is empty
     marks: dict  # (row, column key) -> "win" | "tie" | "untested"
-    comparisons: dict  # column key -> [Comparison]
+    comparisons: dict  # (column key, block) -> [Comparison]
     budget: pd.DataFrame  # rows x [train fwd-equivalents, train wall s, NFE note]
     legend: list[str] = field(default_factory=list)  # protocol letters and what differs
     groups: dict = field(default_factory=dict)  # row -> seed group id
+    blocks: dict = field(default_factory=dict)  # row -> its block (data / size): ranked together
 
     @property
     def best(self) -> dict:
@@ -87,13 +89,16 @@ def cell_frame(c: Collected, metric: str, row_keys: tuple[str, ...] = ROW_KEYS) 
     """Every run's value of ``metric`` with its row label, seed group and column key."""
     runs = c.runs.copy()
     keys = list(row_keys)
-    runs["row"] = runs[keys].map(_str).agg(" / ".join, axis=1)
+    runs["row"] = runs[keys].map(lambda v: _str(v) or "-").agg(" / ".join, axis=1)
+    runs["block"] = (
+        runs[[k for k in ("data", "size") if k in keys]].map(_str).agg(" / ".join, axis=1)
+    )
     # Two seed groups behind one row label (same method, other hyper-parameters): tell them apart.
     per_row = runs.groupby("row")["group"].nunique()
     clash = runs["row"].isin(per_row[per_row > 1].index)
     runs.loc[clash, "row"] = runs.loc[clash, "row"] + " [" + runs.loc[clash, "group"].str[-6:] + "]"
     values = c.tidy[c.tidy["metric"] == metric].drop(columns=["row"], errors="ignore")
-    values = values.merge(runs[["run_id", "row"]], on="run_id")
+    values = values.merge(runs[["run_id", "row", "block"]], on="run_id")
     return runs, values
 
 
@@ -135,6 +140,7 @@ def comparison(
     runs, values = cell_frame(c, metric, row_keys)
     columns, legend = columns_of(values, protocols)
     rows = sorted(runs["row"].unique().tolist())
+    block_of = runs.drop_duplicates("row").set_index("row")["block"].to_dict()
     cells, status, marks, comparisons = {}, {}, {}, {}
     for col in columns:
         mine = values[(values["steps"] == col.steps) & (values["protocol"] == col.protocol)]
@@ -149,8 +155,11 @@ def comparison(
                 float(g["ci_high"].iloc[0]) if one else float("nan"),
             )
         cells.update({(r, col.key): cell for r, cell in column_cells.items()})
-        col_marks, comparisons[col.key] = mark(column_cells, lower_is_better(metric))
-        marks.update({(r, col.key): m for r, m in col_marks.items()})
+        # Methods are ranked within a data set and model size, never across them.
+        for b in sorted({block_of[r] for r in column_cells}):
+            mine_b = {r: cell for r, cell in column_cells.items() if block_of[r] == b}
+            col_marks, comparisons[(col.key, b)] = mark(mine_b, lower_is_better(metric))
+            marks.update({(r, col.key): m for r, m in col_marks.items()})
         for row in rows:
             if row not in column_cells:
                 status[(row, col.key)] = why_empty(runs[runs["row"] == row])
@@ -174,7 +183,9 @@ def comparison(
         for row in rows
     ]
     groups = runs.groupby("row")["group"].first().to_dict()
-    return Table(metric, rows, columns, cells, status, marks, comparisons, budget, legend, groups)
+    return Table(
+        metric, rows, columns, cells, status, marks, comparisons, budget, legend, groups, block_of
+    )
 
 
 def why_empty(runs: pd.DataFrame) -> str:
@@ -189,39 +200,52 @@ def why_empty(runs: pd.DataFrame) -> str:
 
 
 def significance_notes(t: Table) -> list[str]:
-    """One sentence per column: who is best and whether that is significant, and by which test."""
+    """One sentence per column and block (data / size): who is best, whether that is
+    significant, and by which test."""
     names = {"welch": "Welch's t-test over seeds, Holm-adjusted", "intervals": "95% intervals"}
     out = []
     for col in t.columns:
-        col_marks = {r: m for (r, k), m in t.marks.items() if k == col.key}
-        if not col_marks:
-            continue
-        comps: list[Comparison] = t.comparisons.get(col.key, [])
-        tests = sorted({names[c.test] for c in comps if c.test})
-        how = f" ({'; '.join(tests)})" if tests else ""
-        best = next((r for r, m in col_marks.items() if m in ("win", "untested")), None)
-        if best is not None and col_marks[best] == "win":
-            detail = ", ".join(_versus(c) for c in comps)
-            out.append(f"{col.key}: {best} is significantly best{how}: {detail}.")
-        elif best is not None:
-            untested = [c.other for c in comps if c.different is None]
-            out.append(
-                f"{col.key}: {best} has the best mean, not tested against "
-                f"{', '.join(untested)} (one seed and no bootstrap interval){how}."
-            )
-        else:
-            tied = [r for r, m in col_marks.items() if m == "tie"]
-            detail = ", ".join(_versus(c) for c in comps if c.other in tied)
-            out.append(f"{col.key}: no significant winner; tied: {', '.join(tied)}{how}: {detail}.")
+        for (key, block), comps in t.comparisons.items():
+            if key != col.key or not comps:
+                continue
+            short = partial(_within, block)
+            col_marks = {
+                r: m for (r, k), m in t.marks.items() if k == col.key and t.blocks.get(r) == block
+            }
+            tests = sorted({names[c.test] for c in comps if c.test})
+            how = f" ({'; '.join(tests)})" if tests else ""
+            where = f"{block}, {col.key}" if block else col.key
+            best = next((r for r, m in col_marks.items() if m in ("win", "untested")), None)
+            if best is not None and col_marks[best] == "win":
+                detail = ", ".join(_versus(c, short) for c in comps)
+                out.append(f"{where}: {short(best)} is significantly best{how}: {detail}.")
+            elif best is not None:
+                untested = [short(c.other) for c in comps if c.different is None]
+                out.append(
+                    f"{where}: {short(best)} has the best mean, not tested against "
+                    f"{', '.join(untested)} (one seed and no bootstrap interval){how}."
+                )
+            else:
+                tied = [r for r, m in col_marks.items() if m == "tie"]
+                detail = ", ".join(_versus(c, short) for c in comps if c.other in tied)
+                out.append(
+                    f"{where}: no significant winner; tied: {', '.join(map(short, tied))}"
+                    f"{how}: {detail}."
+                )
     return out
 
 
-def _versus(c: Comparison) -> str:
+def _within(block: str, row: str) -> str:
+    """A row label without its block: ``digits16 / tiny/4 / shortcut`` -> ``shortcut``."""
+    return row[len(block) + 3 :] if block and row.startswith(block + " / ") else row
+
+
+def _versus(c: Comparison, short=str) -> str:
     if c.test == "welch":
-        return f"vs {c.other} p={c.p:.3g}"
+        return f"vs {short(c.other)} p={c.p:.3g}"
     if c.test == "intervals":
-        return f"vs {c.other} intervals {'disjoint' if c.different else 'overlap'}"
-    return f"vs {c.other} untested"
+        return f"vs {short(c.other)} intervals {'disjoint' if c.different else 'overlap'}"
+    return f"vs {short(c.other)} untested"
 
 
 def protocol_line(c: Collected, metric: str) -> str:
@@ -345,10 +369,7 @@ def paired_differences(
     if baseline not in methods:
         raise UserError(f"baseline={baseline!r} has no runs here; methods: {', '.join(methods)}")
     table = table or comparison(c, metric, row_keys)
-    others = [k for k in row_keys if k != "method"]
-    key_of = (
-        runs.drop_duplicates("row").set_index("row")[others].map(_str).agg(tuple, axis=1).to_dict()
-    )
+    key_of = table.blocks  # the baseline of the same data set and model size
     method_of = runs.drop_duplicates("row").set_index("row")["method"].map(_str).to_dict()
     base_rows = [r for r in table.rows if method_of[r] == baseline]
     rows = [r for r in table.rows if method_of[r] != baseline]

@@ -180,7 +180,7 @@ def test_a_clear_winner_is_bold_by_welchs_test(store, tmp_path):
     assert f"**{np.mean(a):.2f} ± {half(a):.2f}**" in row_of(md, "shortcut")
     assert "**" not in row_of(md, "flow_matching").split("|")[2]
     p = stats.ttest_ind(a, b, equal_var=False).pvalue
-    assert "1 step: digits16 / tiny/4 / shortcut is significantly best (Welch's t-test" in md
+    assert "digits16 / tiny/4, 1 step: shortcut is significantly best (Welch's t-test" in md
     assert f"p={p:.3g}" in md
 
 
@@ -196,7 +196,7 @@ def test_overlapping_seeds_are_a_tie_not_a_winner(store, tmp_path):
     assert "**" not in md.split("| reflow")[0].split("\n")[-1]
     reflow = row_of(md, "reflow").split("|")[2]
     assert "*" not in reflow  # significantly worse than the best: not in the tied group
-    assert "1 step: no significant winner; tied: " in md
+    assert "digits16 / tiny/4, 1 step: no significant winner; tied: " in md
 
 
 def test_one_seed_is_compared_by_its_bootstrap_interval(store, tmp_path):
@@ -206,7 +206,7 @@ def test_one_seed_is_compared_by_its_bootstrap_interval(store, tmp_path):
     sc, fm = row_of(md, "shortcut"), row_of(md, "flow_matching")
     assert "**10.00 [9.00, 11.00]**" in sc  # disjoint from [18, 22]: a winner
     assert "*5.00 [4.00, 6.00]*" in sc and "*5.50 [5.20, 5.80]*" in fm  # overlap: tied
-    assert "1 step: digits16 / tiny/4 / shortcut is significantly best (95% intervals)" in md
+    assert "digits16 / tiny/4, 1 step: shortcut is significantly best (95% intervals)" in md
     assert "intervals overlap" in md
 
 
@@ -271,7 +271,9 @@ def test_paired_differences_against_a_baseline(store, tmp_path):
     assert f"**{d.mean():.2f} ± {half(d):.2f} (n=3)**" in row_of(part, "shortcut")
     assert "1.00 (1 pair)" in row_of(part, "reflow")  # 11 - 10, one common seed
     # unpaired, the same two cells are not significantly different
-    assert "1 step: no significant winner" in md or "significantly best" not in md
+    assert (
+        "digits16 / tiny/4, 1 step: no significant winner" in md or "significantly best" not in md
+    )
     with pytest.raises(UserError, match=r"baseline='bogus' has no runs here; methods: "):
         build(store.uri, tmp_path / "r2", "baseline=bogus")
 
