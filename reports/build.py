@@ -86,7 +86,7 @@ def run_label(run: pd.Series) -> str:
 STYLE = (
     "<style>body{font-family:sans-serif;margin:2em;max-width:1200px}"
     "table.comparison{border-collapse:collapse;font-size:13px}"
-    "table.comparison td,table.comparison th{border:1px solid #ccc;padding:4px 8px;text-align:right}"
+    "table.comparison td,table.comparison th{border:1px solid #ccc;padding:4px 8px;text-align:right;white-space:nowrap}"
     "img{max-width:560px;margin:6px}img.wide{max-width:1100px}"
     ".grid img{width:180px;image-rendering:pixelated}"
     ".note{color:#555}.loud{color:#a00;font-weight:bold}</style>"
