@@ -324,3 +324,60 @@ def test_a_malformed_filter_is_one_sentence(store, tmp_path):
     store.run("shortcut", 0, {1: 10.0})
     with pytest.raises(UserError, match=r"filter='tags.data = digits16' is not an MLflow filter"):
         build(store.uri, tmp_path / "r", "filter='tags.data = digits16'")
+
+
+# -- the statistics on their own ----------------------------------------------------------------
+
+
+def test_the_t_interval_covers_the_true_mean_at_its_stated_rate():
+    from reports.significance import Cell
+
+    rng = np.random.default_rng(0)
+    hits = 0
+    for _ in range(4000):
+        c = Cell(["0", "1", "2"], rng.normal(5.0, 2.0, 3))
+        low, high, kind = c.interval
+        hits += low <= 5.0 <= high
+    assert kind == "t" and abs(hits / 4000 - 0.95) < 0.012
+
+
+def test_a_winner_is_rarely_marked_between_equal_methods_and_usually_between_different_ones():
+    from reports.significance import Cell, mark
+
+    rng = np.random.default_rng(1)
+
+    def win_rate(shift: float, seeds: int = 3, trials: int = 2000) -> float:
+        wins = 0
+        for _ in range(trials):
+            cells = {
+                "a": Cell([str(i) for i in range(seeds)], rng.normal(10.0, 1.0, seeds)),
+                "b": Cell([str(i) for i in range(seeds)], rng.normal(10.0 + shift, 1.0, seeds)),
+            }
+            marks, _ = mark(cells, lower_is_better=True)
+            wins += "win" in marks.values()
+        return wins / trials
+
+    assert win_rate(0.0) <= 0.06  # Welch at 5%: a false winner in at most ~5% of columns
+    assert win_rate(4.0, seeds=5) >= 0.9
+
+
+def test_holm_adjustment_and_interval_comparisons():
+    from reports.significance import Cell, compare, holm
+
+    assert holm([0.01, 0.04, 0.03]) == pytest.approx([0.03, 0.06, 0.06])
+    one = lambda v, lo, hi: Cell(["0"], np.array([v]), lo, hi)  # noqa: E731
+    assert compare(one(1, 0.5, 1.5), one(3, 2.5, 3.5)) == (
+        "intervals",
+        pytest.approx(np.nan, nan_ok=True),
+        True,
+    )
+    assert compare(one(1, 0.5, 2.6), one(3, 2.5, 3.5))[2] is False
+    assert compare(one(1, np.nan, np.nan), one(3, 2.5, 3.5))[0] == ""  # no interval: untested
+
+
+def test_the_pareto_front_keeps_the_undominated_points():
+    from reports.figures import pareto_front
+
+    x, y = np.array([1.0, 2.0, 3.0, 4.0]), np.array([5.0, 3.0, 4.0, 1.0])
+    assert pareto_front(x, y).tolist() == [0, 1, 3]
+    assert pareto_front(x, y, lower_is_better=False).tolist() == [0]
