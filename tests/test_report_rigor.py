@@ -296,13 +296,13 @@ def test_float_budget_names_are_read_as_their_integer(store, tmp_path):
     assert "budgets logged with a float step count" in md and "fd/train/steps_2.0" in md
 
 
-def test_the_readme_filter_example_is_accepted_verbatim(store, tmp_path):
+def test_the_documented_filter_examples_are_accepted_verbatim(store, tmp_path):
     store.run("shortcut", 0, {1: 10.0})
     rid = store.run("flow_matching", 0, {1: 5.0})
     store.client.set_tag(rid, "data", "other")
-    readme = (ROOT / "README.md").read_text()
-    examples = [w for line in readme.splitlines() for w in _words(line) if w.startswith("filter=")]
-    assert examples, "the README shows a filter example"
+    docs = (ROOT / "README.md").read_text() + (ROOT / "docs" / "reports.md").read_text()
+    examples = [w for line in docs.splitlines() for w in _words(line) if w.startswith("filter=")]
+    assert len(examples) >= 2, "the README and docs/reports.md show a filter example"
     for arg in examples:
         out = build(store.uri, tmp_path / "r", arg)
         md = (out / "report.md").read_text()
