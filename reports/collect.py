@@ -330,9 +330,10 @@ def collect(df: pd.DataFrame, group_by: list[str] | None = None) -> Collected:
                 f"tags): their run-level eval.* tags are used ({', '.join(sorted(names))})"
             )
         for rid, g in tidy.groupby("run_id"):
-            per_budget = g.drop_duplicates("steps").set_index("steps")["protocol"]
+            per_budget = g.drop_duplicates("steps").set_index("steps")["protocol"].sort_index()
             if per_budget.nunique() > 1:
-                parts = describe_differences([json.loads(p) for p in per_budget.unique()])
+                diffs = describe_differences([json.loads(p) for p in per_budget])
+                parts = [f"steps_{s}: {d}" for s, d in zip(per_budget.index, diffs, strict=True)]
                 mixed.append(
                     f"PROTOCOL MIXED WITHIN A RUN: {_str(by_id.loc[rid, 'run_name'])} "
                     f"({rid[:8]}) measured its budgets under {per_budget.nunique()} protocols "

@@ -249,27 +249,29 @@ def _versus(c: Comparison, short=str) -> str:
 
 
 def protocol_line(c: Collected, metric: str) -> str:
-    """What every number in a table was measured with, from the runs' tags."""
-    r = c.runs
+    """What the numbers of ``metric`` were measured with: every value of each protocol field over
+    the budgets shown (per-budget protocols; run-level ``eval.*`` tags for older runs). Two values
+    of one field mean split columns (see the legend above the table)."""
+    d = c.tidy[c.tidy["metric"] == metric]
+    protocols = [json.loads(p) for p in d["protocol"].unique()]
 
-    def uniq(col):  # noqa: E306
-        vals = sorted({str(v) for v in r[col].dropna() if str(v)}) if col in r else []
+    def uniq(key: str) -> str:
+        vals = sorted({_str(p.get(key)) for p in protocols} - {""})
         return " | ".join(vals) or "unknown"
 
     extractor = (
-        uniq("fid_extractor")
+        uniq("eval.fid_extractor")
         if metric.startswith("fid")
-        else (f"{uniq('extractor')} (weights {uniq('extractor_hash')})")
+        else f"{uniq('eval.extractor')} (weights {uniq('eval.extractor_hash')})"
     )
     line = (
         f"metric: {metric} ({'lower' if lower_is_better(metric) else 'higher'} is better); "
-        f"samples per budget: {uniq('num_samples')}; reference: {uniq('reference')}; "
+        f"samples per budget: {uniq('eval.num_samples')}; reference: {uniq('eval.reference')}; "
         f"extractor: {extractor}"
     )
-    if uniq("recipe") != "unknown":
-        line += f"; recipe: {uniq('recipe')}"
-    if uniq("bootstrap") != "unknown":
-        line += f"; bootstrap: {uniq('bootstrap')}"
+    for key, name in (("recipe", "recipe"), ("eval.bootstrap", "bootstrap")):
+        if uniq(key) != "unknown":
+            line += f"; {name}: {uniq(key)}"
     return line
 
 

@@ -121,15 +121,16 @@ def half(values) -> float:
 
 
 def test_runs_differing_only_in_seed_are_one_cell_with_a_t_interval(store, tmp_path):
-    a = [10.0, 11.0, 12.5]
+    a, b = [10.0, 11.0, 12.5], [4.0, 4.5]
     for seed, v in enumerate(a):
-        store.run("shortcut", seed, {1: v})
+        store.run("shortcut", seed, {1: v, 4: b[seed]} if seed < 2 else {1: v})
     out = build(store.uri, tmp_path / "r")
     row = row_of((out / "report.md").read_text(), "shortcut")
     assert f"{np.mean(a):.2f} ± {half(a):.2f}" in row
+    assert f"{np.mean(b):.2f} ± {half(b):.2f} (n=2)" in row  # fewer seeds than its row
     assert row.rstrip(" |").endswith("3")  # the seeds column
     cells = pd.read_csv(out / "cells.csv")
-    (cell,) = cells.itertuples()
+    cell = next(cells[cells.steps == 1].itertuples())
     assert cell.n == 3 and cell.interval == "t" and cell.seeds == "0 1 2"
     assert cell.low == pytest.approx(np.mean(a) - half(a))
 
@@ -219,6 +220,7 @@ def test_mixed_protocols_are_split_loudly_or_refused(store, tmp_path):
     header = next(line for line in md.splitlines() if line.startswith("| data / size"))
     assert "1 step [A]" in header and "1 step [B]" in header
     assert "1 step [A]: eval.num_samples=1000" in md and "1 step [B]: eval.num_samples=32" in md
+    assert "samples per budget: 1000 | 32;" in md  # not the run-level tag both runs carry
     # each column has one cell: nothing is compared across protocols
     assert "significantly best" not in md and "tied:" not in md and "has the best mean" not in md
     with pytest.raises(UserError, match=r"the 1 step results were measured under 2 protocols"):
@@ -247,7 +249,7 @@ def test_a_run_whose_budgets_have_different_protocols_is_flagged(store, tmp_path
     )
     md = (build(store.uri, tmp_path / "r") / "report.md").read_text()
     assert "PROTOCOL MIXED WITHIN A RUN: shortcut-0" in md
-    assert "eval.num_samples=32; eval.num_samples=16" in md
+    assert "steps_1: eval.num_samples=32; steps_2: eval.num_samples=16" in md
 
 
 def test_old_runs_fall_back_to_run_level_eval_tags_and_say_so(store, tmp_path):
