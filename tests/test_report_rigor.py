@@ -383,3 +383,13 @@ def test_the_pareto_front_keeps_the_undominated_points():
     x, y = np.array([1.0, 2.0, 3.0, 4.0]), np.array([5.0, 3.0, 4.0, 1.0])
     assert pareto_front(x, y).tolist() == [0, 1, 3]
     assert pareto_front(x, y, lower_is_better=False).tolist() == [0]
+
+
+def test_small_values_keep_their_digits(store, tmp_path):
+    from reports.tables import fmt
+
+    assert fmt(1.234e-6) == "1.2e-06" and fmt(0.0) == "0.00" and fmt(34.567) == "34.57"
+    store.run("shortcut", 0, {1: 2.5e-6})
+    store.run("shortcut", 1, {1: 3.5e-6})
+    md = (build(store.uri, tmp_path / "r") / "report.md").read_text()
+    assert f"3e-06 ± {fmt(half([2.5e-6, 3.5e-6]))}" in row_of(md, "shortcut")
