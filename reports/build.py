@@ -67,7 +67,7 @@ def grids_per_row(values: pd.DataFrame, grids: dict[str, dict[str, Path]]) -> di
     """{table row: {steps: grid}} from the row's first seed that logged grids."""
     out = {}
     for row, g in values.drop_duplicates("run_id").groupby("row"):
-        for rid in g.sort_values("seed", key=lambda s: s.astype(str))["run_id"]:
+        for rid in g.sort_values("seed", key=lambda s: pd.to_numeric(s, errors="coerce"))["run_id"]:
             steps = {
                 int(n.split("_")[1]): p
                 for n, p in grids.get(rid, {}).items()

@@ -146,7 +146,7 @@ def comparison(
         mine = values[(values["steps"] == col.steps) & (values["protocol"] == col.protocol)]
         column_cells = {}
         for row, g in mine.groupby("row"):
-            g = g.sort_values("seed", key=lambda s: s.map(_str))
+            g = g.sort_values("seed", key=lambda s: pd.to_numeric(s, errors="coerce"))
             one = len(g) == 1
             column_cells[row] = Cell(
                 g["seed"].map(_str).tolist(),
