@@ -327,7 +327,7 @@ def collect(df: pd.DataFrame, group_by: list[str] | None = None) -> Collected:
             names = by_id.loc[old, "run_name"].map(_str)
             fell_back.append(
                 f"{len(old)} runs carry no per-budget protocol (logged before protocol/steps_N "
-                f"tags): their run-level eval.* tags are used ({', '.join(sorted(names))})"
+                f"tags): their run-level eval.* tags are used ({_some(sorted(names))})"
             )
         for rid, g in tidy.groupby("run_id"):
             per_budget = g.drop_duplicates("steps").set_index("steps")["protocol"].sort_index()
@@ -346,6 +346,11 @@ def collect(df: pd.DataFrame, group_by: list[str] | None = None) -> Collected:
         )
     tidy = tidy.merge(runs, on="run_id", how="left")
     return Collected(runs=runs, tidy=tidy, notes=mixed + notes + fell_back, dropped=dropped)
+
+
+def _some(names: list[str], shown: int = 5) -> str:
+    more = f" and {len(names) - shown} more" if len(names) > shown else ""
+    return ", ".join(names[:shown]) + more
 
 
 def describe_differences(protocols: list[dict]) -> list[str]:

@@ -223,10 +223,17 @@ def samples_side_by_side(
     have = sorted({s for g in grids.values() for s in g})
     if not have:
         return "no sample grids (grids=false, or the runs logged none)"
-    cols = [b for b in budgets if b in have] or sorted({have[0], have[len(have) // 2], have[-1]})
+    cols = [b for b in budgets if b in have]
+    if len(cols) < min(len(budgets), len(have)):  # fill up with the first, middle and last budget
+        cols = sorted(set(cols) | {have[0], have[len(have) // 2], have[-1]})
     rows = sorted(grids)
+    with Image.open(next(iter(grids[rows[0]].values()))) as im:
+        aspect = im.width / im.height
     fig, axes = plt.subplots(
-        len(rows), len(cols), figsize=(2.4 * len(cols) + 1.6, 2.4 * len(rows)), squeeze=False
+        len(rows),
+        len(cols),
+        figsize=(2.4 * aspect * len(cols) + 1.6, 2.4 * len(rows) + 0.6),
+        squeeze=False,
     )
     for i, row in enumerate(rows):
         for j, steps in enumerate(cols):
@@ -244,7 +251,7 @@ def samples_side_by_side(
                 ax.set_title(f"{steps} step" + ("s" if steps > 1 else ""))
             if j == 0:
                 ax.set_ylabel(row.replace(" / ", "\n"), fontsize=8)
-    fig.suptitle("samples from the same fixed noise")
+    fig.suptitle("samples at each step budget, every panel from the same fixed noise")
     return _save(fig, path)
 
 
