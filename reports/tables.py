@@ -331,7 +331,11 @@ def to_latex(t: Table, caption: str | None = None, label: str = "tab:fewstep") -
     df = _rows(t, lambda x, m: _tex_style(_tex_escape(x), m))
     df.index = [_tex_escape(i) for i in df.index]
     df.columns = [_tex_escape(c) for c in df.columns]
-    caption = caption or f"{_tex_escape(t.metric)} per step budget"
+    caption = caption or (
+        f"{_tex_escape(t.metric)} per step budget: mean $\\pm$ half-width of the 95\\% "
+        "t-interval over seeds (one seed: [95\\% bootstrap interval]). Bold: significantly best "
+        "of its data set and size; italic: tied with the best mean; $^\\circ$: best mean, untested."
+    )
     return df.to_latex(escape=False, caption=caption, label=label)
 
 
