@@ -221,12 +221,16 @@ def seed_groups(runs: pd.DataFrame, df: pd.DataFrame) -> tuple[pd.Series, list[s
     return pd.Series(groups, index=runs.index), notes
 
 
+#: Run-level ``eval.*`` tags that describe the last evaluation, not a protocol field.
+RUN_LEVEL_ONLY = ("tags.eval.protocol_key", "tags.eval.other_protocol_budgets")
+
+
 def run_protocol(src: pd.Series) -> dict[str, str]:
     """The run-level protocol of a run logged before per-budget protocols: its ``eval.*`` tags."""
     out = {
         k[len("tags.") :]: _str(v)
         for k, v in src.items()
-        if k.startswith("tags.eval.") and _str(v) and k != "tags.eval.weights_note"
+        if k.startswith("tags.eval.") and _str(v) and k not in RUN_LEVEL_ONLY
     }
     return out
 
