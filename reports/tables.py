@@ -389,8 +389,11 @@ def paired_differences(
                 )
                 continue
             mine, base = table.cells.get((row, col.key)), table.cells.get((matches[0], col.key))
-            if mine is None or base is None or not mine.n or not base.n:
+            if mine is None or not mine.n:
                 status[(row, col.key)] = "not measured"
+                continue
+            if base is None or not base.n:
+                status[(row, col.key)] = f"{baseline} not measured"
                 continue
             d = paired(
                 dict(zip(mine.seeds, mine.values, strict=True)),
