@@ -287,7 +287,9 @@ def test_a_store_whose_runs_all_failed_or_run_is_reported(store, tmp_path):
     md = (out / "report.md").read_text()
     assert "no run logged any metric (2 runs: 1 FAILED, 1 RUNNING)" in md
     assert "train.lr=nan" in md and "RUNNING" in row_of(md, "flow_matching")
-    assert (out / "report.html").exists() and (out / "table.tex").exists()
+    page = (out / "report.html").read_text()
+    assert "<table" in page and "train.lr=nan" in page and "RUNNING" in page
+    assert "FAILED" in (out / "table.tex").read_text()
 
 
 def test_float_budget_names_are_read_as_their_integer(store, tmp_path):
