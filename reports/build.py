@@ -242,7 +242,7 @@ def build(cfg: DictConfig) -> Path:
     row_keys = tables.ROW_KEYS + tuple(cfg.group_by)
     table = tables.comparison(c, metric, row_keys, cfg.get("protocols", "split"))
     protocol = tables.protocol_line(c, metric)
-    significance = tables.significance_notes(table)
+    significance = [tables.significance_summary(table)] + tables.significance_notes(table)
     baseline = cfg.get("baseline")
     paired = (
         tables.paired_differences(c, metric, str(baseline), row_keys, table) if baseline else None

@@ -235,6 +235,34 @@ def significance_notes(t: Table) -> list[str]:
     return out
 
 
+def significance_summary(t: Table) -> str:
+    """One sentence for the whole table: which columns have a significant winner, which a tie."""
+    wins, ties, untested = [], [], []
+    for col in t.columns:
+        for (key, block), comps in t.comparisons.items():
+            if key != col.key or not comps:
+                continue
+            where = f"{col.key} ({block})" if len({b for _, b in t.comparisons}) > 1 else col.key
+            rows = [r for (r, k), m in t.marks.items() if k == key and t.blocks.get(r) == block]
+            kinds = {t.marks[(r, key)] for r in rows}
+            if "win" in kinds:
+                winner = next(r for r in rows if t.marks[(r, key)] == "win")
+                wins.append(f"{where}: {_within(block, winner)}")
+            elif "tie" in kinds:
+                ties.append(where)
+            else:
+                untested.append(where)
+    parts = []
+    if wins:
+        parts.append("significant winners at " + "; ".join(wins))
+    if ties:
+        parts.append("no significant difference between the best cells at " + ", ".join(ties))
+    if untested:
+        parts.append("not tested (no intervals) at " + ", ".join(untested))
+    text = " -- ".join(parts) or "nothing to compare (one cell per column)"
+    return text[0].upper() + text[1:] + "."
+
+
 def _within(block: str, row: str) -> str:
     """A row label without its block: ``digits16 / tiny/4 / shortcut`` -> ``shortcut``."""
     return row[len(block) + 3 :] if block and row.startswith(block + " / ") else row

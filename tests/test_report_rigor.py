@@ -180,6 +180,7 @@ def test_a_clear_winner_is_bold_by_welchs_test(store, tmp_path):
     md = (build(store.uri, tmp_path / "r") / "report.md").read_text()
     assert f"**{np.mean(a):.2f} ± {half(a):.2f}**" in row_of(md, "shortcut")
     assert "**" not in row_of(md, "flow_matching").split("|")[2]
+    assert "Significant winners at 1 step: shortcut." in md
     p = stats.ttest_ind(a, b, equal_var=False).pvalue
     assert "digits16 / tiny/4, 1 step: shortcut is significantly best (Welch's t-test" in md
     assert f"p={p:.3g}" in md
@@ -198,6 +199,7 @@ def test_overlapping_seeds_are_a_tie_not_a_winner(store, tmp_path):
     reflow = row_of(md, "reflow").split("|")[2]
     assert "*" not in reflow  # significantly worse than the best: not in the tied group
     assert "digits16 / tiny/4, 1 step: no significant winner; tied: " in md
+    assert "No significant difference between the best cells at 1 step." in md
 
 
 def test_one_seed_is_compared_by_its_bootstrap_interval(store, tmp_path):
