@@ -397,3 +397,26 @@ def test_small_values_keep_their_digits(store, tmp_path):
     store.run("shortcut", 1, {1: 3.5e-6})
     md = (build(store.uri, tmp_path / "r") / "report.md").read_text()
     assert f"3e-06 ± {fmt(half([2.5e-6, 3.5e-6]))}" in row_of(md, "shortcut")
+
+
+def test_size_and_k_ratio_ablations_are_drawn_when_they_vary(store, tmp_path):
+    from PIL import Image
+
+    for seed in range(2):
+        for size in ("tiny/4", "S/2"):
+            for k in ("0.25", "0.5"):
+                store.run(
+                    "shortcut",
+                    seed,
+                    {1: 10.0 + seed + float(k), 4: 5.0 + seed},
+                    group=f"{size}-{k}",
+                    extra_tags={"size": size, "k_ratio": k},
+                )
+    out = build(store.uri, tmp_path / "r")
+    md = (out / "report.md").read_text()
+    assert "not shown: k-ratio" not in md and "not shown: fd/train vs model size" not in md
+    for name in ("k_ratio", "metric_vs_size"):
+        with Image.open(out / "figures" / f"{name}.png") as im:
+            assert np.asarray(im.convert("L")).std() > 5
+    # the two sizes are ranked apart: a winner or a tie in each block of the 1-step column
+    assert "tiny/4, 1 step:" in md and "S/2, 1 step:" in md
