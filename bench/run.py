@@ -17,12 +17,15 @@ error after the MLflow run is opened marks it FAILED with the reason (docs/FAILU
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import sys
+from pathlib import Path
 
 import hydra
 from omegaconf import DictConfig
 
+from bench import checkpoint, schema
 from bench import distributed as ddp
 from bench.budget import training_budget
 from bench.build import (
@@ -36,11 +39,12 @@ from bench.build import (
     resolve_teacher,
 )
 from bench.errors import EXIT_PREEMPTED, EXIT_USER_ERROR, UserError
-from bench.identity import identity_hash, run_dir, short_name
+from bench.identity import identity_hash, pin_data, run_dir, short_name
+from bench.lock import RunLock
 from bench.objective import check_objective, objective_value, sweeper_choice
 from bench.preemption import Preempted, Preemption
 from bench.record import RunRecord
-from bench.train import DivergenceError, Trainer
+from bench.train import CHECKPOINT, DivergenceError, Trainer
 
 
 # -- input checks that must happen before Hydra composes anything ----------------------------------
@@ -85,6 +89,8 @@ def job(
     """One job. ``preemption`` (installed by ``main``) carries stop signals to the training loop
     and the evaluation loop; without it a signal has its default effect. Under DDP (``world``,
     bench.distributed) every process trains; rank 0 alone records and evaluates."""
+    schema.check(cfg)  # every train/eval/data key, before anything exists (bench/schema.py)
+    pin_data(cfg)  # the data's content is part of the identity (bench/identity.py)
     apply_compute_budget(cfg)  # before the identity: the derived steps are part of it
     parts = prepare(cfg, world)
     if not world.main:
@@ -93,18 +99,41 @@ def job(
         return None
 
     record = RunRecord(run_dir(cfg))
-    try:
-        evaluator = make_evaluator(cfg, parts.data, parts.device, parts.conditional)
-        record.open(cfg, parts.net.name, parts.device, world)
-    except BaseException:
-        ddp.main_ready(world, failed=True)
-        raise
-    with record:  # from here on any error ends the MLflow run FAILED (KILLED) with its reason
-        ddp.main_ready(world)  # the other ranks may start
-        trainer = train(cfg, parts, record, preemption, world)
-        results = evaluator.run(parts.method, trainer.nets, record, preemption, trainer.step)
-        record.finished()
+    with contextlib.ExitStack() as held:
+        try:
+            evaluator = make_evaluator(cfg, parts.data, parts.device, parts.conditional)
+            held.enter_context(RunLock(record.dir))  # one job per run directory at a time
+            # A damaged checkpoint is refused before the MLflow run is touched: a FINISHED run
+            # stays FINISHED (the checkpoint is read once, here, and handed to the trainer).
+            saved = load_checkpoint(record.dir / CHECKPOINT, checkpoint_meta(cfg, parts))
+            record.open(cfg, parts.net.name, parts.device, world)
+        except BaseException:
+            ddp.main_ready(world, failed=True)
+            raise
+        with record:  # from here on any error ends the MLflow run FAILED (KILLED) with its reason
+            ddp.main_ready(world)  # the other ranks may start
+            trainer = train(cfg, parts, record, preemption, world, saved)
+            results = evaluator.run(parts.method, trainer.nets, record, preemption, trainer.step)
+            record.finished()
     return objective_value(cfg, results)
+
+
+def checkpoint_meta(cfg: DictConfig, parts: Parts) -> dict:
+    """What a checkpoint of this job records, and what a checkpoint it resumes must match."""
+    return {
+        "identity": identity_hash(cfg),
+        "model": parts.net.name,
+        "input_shape": list(parts.data.shape),
+        "num_classes": int(parts.net.num_classes),
+        "method": short_name(cfg.method._target_),
+        "embedding": embedding_of(parts.net),  # how a teacher built from it must embed t, d
+    }
+
+
+def load_checkpoint(path: Path, meta: dict) -> dict | None:
+    """The run's last checkpoint, checked against ``meta`` (None when there is none yet)."""
+    checkpoint.remove_stale_temporaries(path)
+    return checkpoint.load(path, meta) if path.exists() else None
 
 
 def train(
@@ -113,6 +142,7 @@ def train(
     record: RunRecord | None,
     preemption: Preemption | None,
     world: ddp.World,
+    saved: dict | None = None,
 ) -> Trainer:
     """The training phase, on every process: the teacher (trained first when it must be), then
     training from the last checkpoint to ``train.steps``. Rank 0, which holds the ``record``,
@@ -120,14 +150,7 @@ def train(
     tracking and no files (they read the checkpoint rank 0 wrote to resume)."""
     teacher_job = functools.partial(job, preemption=preemption, world=world)
     teacher = resolve_teacher(cfg, parts.method, parts.net, teacher_job, world)
-    meta = {
-        "identity": identity_hash(cfg),
-        "model": parts.net.name,
-        "input_shape": list(parts.data.shape),
-        "num_classes": int(parts.net.num_classes),
-        "method": short_name(cfg.method._target_),
-        "embedding": embedding_of(parts.net),  # how a teacher built from it must embed t, d
-    }
+    meta = checkpoint_meta(cfg, parts)
     trainer = Trainer(
         parts.net,
         parts.method,
@@ -141,7 +164,7 @@ def train(
         preemption,
         world,
     )
-    resumed = trainer.resume()
+    resumed = trainer.resume(saved)
     if record is None:
         try:
             trainer.fit()

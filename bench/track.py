@@ -131,7 +131,12 @@ class Tracker:
         experiment: str,
         run_id: str | None = None,
         run_name: str | None = None,
+        recover: dict[str, str] | None = None,
+        identity: str | None = None,
     ):
+        """Resume ``run_id``, or -- with ``recover`` (tags that identify the run: its
+        ``config_hash`` and ``run_dir``) -- the latest run of the experiment carrying them
+        (``recovered`` is then its status before this start), or create a new run."""
         import mlflow
         from mlflow.tracking import MlflowClient
 
@@ -139,27 +144,55 @@ class Tracker:
             mlflow.set_tracking_uri(uri)
         self.uri = mlflow.get_tracking_uri()
         self.resumed = False
+        self.recovered: str | None = None
         with first_contact(self.uri):
             self.client = MlflowClient()
             exp_id = self._experiment_id(experiment)
-            if run_id is not None and self._exists(run_id):
+            if run_id is None and recover:
+                found = self._find(exp_id, recover)
+                if found is not None:
+                    run_id, self.recovered = found.info.run_id, found.info.status
+            if run_id is not None and self._exists(run_id, identity):
                 self.client.update_run(run_id, status="RUNNING")
                 self.run_id, self.resumed = run_id, True
                 return
             self.run_id = self.client.create_run(exp_id, run_name=run_name).info.run_id
 
-    def _exists(self, run_id: str) -> bool:
+    def _find(self, exp_id: str, tags: dict[str, str]):
+        """The latest run of the experiment whose tags hold ``tags`` (None if there is none).
+        Searched by ``config_hash`` (hex: safe inside the filter's quotes), the rest compared here."""
+        runs = self.client.search_runs(
+            [exp_id],
+            filter_string=f"tags.config_hash = '{tags['config_hash']}'",
+            order_by=["attributes.start_time DESC"],
+            max_results=1000,
+        )
+        for run in runs:
+            if all(run.data.tags.get(k) == v for k, v in tags.items()):
+                return run
+        return None
+
+    def _exists(self, run_id: str, identity: str | None = None) -> bool:
         """Whether the store still holds ``run_id`` (it was wiped or moved if not). Any other
-        error propagates: a flaky server must not make a resumed job start a duplicate run."""
+        error propagates: a flaky server must not make a resumed job start a duplicate run. A run
+        tagged with another ``config_hash`` than ``identity`` (a copied or forged state.json) is
+        refused: its numbers are another run's."""
         from mlflow.exceptions import MlflowException
 
         try:
-            self.client.get_run(run_id)
-            return True
+            run = self.client.get_run(run_id)
         except MlflowException as e:
-            if e.error_code == "RESOURCE_DOES_NOT_EXIST":
+            if e.error_code in ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE"):
                 return False
             raise
+        theirs = run.data.tags.get("config_hash")
+        if identity is not None and theirs is not None and theirs != identity:
+            raise UserError(
+                f"MLflow run {run_id} named by this run directory's state.json belongs to "
+                f"config_hash={theirs}, not to this run's {identity}; delete that state.json "
+                "(the run is then found in the store by its identity)"
+            )
+        return True
 
     def _experiment_id(self, name: str) -> str:
         # Two jobs of one sweep may create the experiment at the same moment: retry the lookup.

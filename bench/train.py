@@ -159,13 +159,15 @@ class Trainer:
         if self.world.main:  # every rank holds the same weights; one writes them
             checkpoint.save(self.checkpoint_path, self.state())
 
-    def resume(self) -> bool:
-        """Load the last checkpoint if there is one; returns whether it did."""
-        if self.world.main:  # rank 0 alone writes checkpoints (and so alone tidies them)
-            checkpoint.remove_stale_temporaries(self.checkpoint_path)
-        if not self.checkpoint_path.exists():
-            return False
-        state = checkpoint.load(self.checkpoint_path, self.meta)
+    def resume(self, state: dict | None = None) -> bool:
+        """Load the last checkpoint if there is one (``state``: it, already loaded and checked
+        by the caller); returns whether it did."""
+        if state is None:
+            if self.world.main:  # rank 0 alone writes checkpoints (and so alone tidies them)
+                checkpoint.remove_stale_temporaries(self.checkpoint_path)
+            if not self.checkpoint_path.exists():
+                return False
+            state = checkpoint.load(self.checkpoint_path, self.meta)
         self.net.load_state_dict(state["net"])
         self.ema.load_state_dict(state["ema"])
         self.opt.load_state_dict(state["opt"])

@@ -121,6 +121,8 @@ class ImageSuite:
             "n": str(len(data.train_x)),
             "decoded": str(self.decoder is not None),
         }
+        if getattr(data, "fingerprint", ""):  # other files, other statistics (bench.identity)
+            key["content"] = data.fingerprint
         if self.decoder is not None:  # other decoder (or VAE weights), other reference images
             key["decoder"] = str(getattr(self.decoder, "name", type(self.decoder).__name__))
             if data.latent is not None and data.latent.vae_sha256:

@@ -1,0 +1,314 @@
+"""Tried as a hostile or careless user would: every case is a class of failure, and every test
+asserts what the user is owed -- one sentence naming the value and what is allowed, a non-zero
+exit, the tracking run FAILED or untouched (never RUNNING, never a second run for one identity),
+nothing lost, no secret on disk (docs/FAILURES.md lists them).
+
+In-process where possible (``job`` raises the ``UserError`` that ``bench.run`` prints as
+``error: <sentence>`` with exit 2); a subprocess only where an exit code, a signal or Hydra's own
+files demand one.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import typing
+
+import mlflow
+import pytest
+from conftest import CONFIG_DIR, SMOKE
+from omegaconf import OmegaConf
+
+from bench import schema
+from bench.errors import UserError
+from bench.identity import run_dir
+from bench.lock import RunLock
+from bench.options import _convert, _Refused, hints
+from bench.run import job
+
+TINY = ["train.steps=4", *SMOKE, "eval.budgets=[1,2]"]
+
+
+def one_sentence(e: BaseException) -> str:
+    text = str(e)
+    assert "\n" not in text and "Traceback" not in text and len(text) < 600, text
+    return text
+
+
+def store_runs(uri: str):
+    client = mlflow.tracking.MlflowClient(uri)
+    exp = client.get_experiment_by_name("fewstep-bench")
+    return [] if exp is None else client.search_runs([exp.experiment_id])
+
+
+# -- 1. every config key: a wrong type, an out-of-range value, a typo -----------------------------
+def composed_keys() -> list[tuple[str, object]]:
+    """``(spec, dotted key)`` of every key the default config composes (and the image folder's,
+    the one data group with every kind of option)."""
+    from hydra import compose, initialize_config_dir
+
+    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
+        cfg = compose(config_name="config", overrides=["data=image_folder", "data.path=/x"])
+    values = OmegaConf.to_container(cfg, resolve=True)
+    specs = {"train": schema.Train, "eval": schema.Eval, "data": schema.ImageFolder}
+    specs |= {"paths": schema.Paths, "tracking": schema.Tracking, "objective": schema.Objective}
+    out = [(schema.Top, k) for k, v in values.items() if not isinstance(v, dict)]
+    for group, spec in specs.items():
+        out += [(spec, f"{group}.{k}") for k in values[group] if k != "_target_"]
+    return out
+
+
+KEYS = composed_keys()
+CANDIDATES = [0, -1, math.nan, 1.5, "bogus", "", []]
+
+
+def accepts(value, hint) -> bool:
+    try:
+        _convert(value, hint)
+        return True
+    except _Refused:
+        return False
+
+
+def hint_of(spec, key: str):
+    return hints(spec)[key.rsplit(".", 1)[-1]]
+
+
+def override(value) -> str:
+    return "[]" if value == [] else str(value)
+
+
+def wrong_type(hint):
+    """A value of another type than the option takes: a list for a string option, else a word."""
+    return [1, 2] if accepts("a/b", hint) else "abc"
+
+
+def out_of_range(hint, default):
+    """A value of the option's own type that its range or choices refuse (None: it has none)."""
+    same_type = {bool: (), int: (int,), float: (int, float), str: (str,), list: (list,)}.get(
+        type(default), ()
+    )
+    if default is None:  # an optional option: what it takes when set
+        same_type = (int, float) if accepts(1.5, hint) else (str,) if accepts("a", hint) else ()
+    if typing.get_origin(hint) is typing.Literal:  # choices: a word that is none of them
+        same_type = (*same_type, str)
+    for c in CANDIDATES:
+        if type(c) in same_type and not accepts(c, hint):
+            return c
+    return None
+
+
+@pytest.fixture
+def composer(compose):
+    return lambda *o: compose("data=image_folder", *o)
+
+
+def refused(composer, *overrides: str) -> str:
+    with pytest.raises(UserError) as e:
+        schema.check(composer(*overrides))
+    return one_sentence(e.value)
+
+
+@pytest.mark.parametrize("spec,key", KEYS, ids=[k for _, k in KEYS])
+def test_every_key_refuses_a_value_of_the_wrong_type(composer, spec, key):
+    value = wrong_type(hint_of(spec, key))
+    message = refused(composer, f"{key}={override(value)}")
+    assert message.startswith(f"{key}=") and "is not allowed:" in message
+
+
+def default_of(composer, key):
+    return OmegaConf.select(composer(), key)
+
+
+@pytest.mark.parametrize("spec,key", KEYS, ids=[k for _, k in KEYS])
+def test_every_key_with_a_range_or_choices_refuses_a_value_outside_it(composer, spec, key):
+    hint = hint_of(spec, key)
+    default = default_of(composer, key)
+    default = list(default) if OmegaConf.is_list(default) else default
+    value = out_of_range(hint, default)
+    if value is None:  # a flag, a free string or any integer (a seed): no range to leave
+        assert typing.get_origin(hint) is not typing.Literal, key
+        pytest.skip(f"{key} has no range or choices")
+    message = refused(composer, f"{key}={override(value)}")
+    assert message.startswith(f"{key}=") and "is not allowed:" in message
+
+
+@pytest.mark.parametrize("spec,key", KEYS, ids=[k for _, k in KEYS])
+def test_every_key_misspelt_is_refused_and_named(composer, spec, key):
+    typo = f"{key}x"
+    message = refused(composer, f"+{typo}=1")
+    assert message.startswith(f"{typo}=1 is not allowed: not an option; the options are")
+
+
+def test_every_shipped_group_and_experiment_passes_the_schema(compose):
+    variants = [[f"+experiment={p.stem}"] for p in (CONFIG_DIR / "experiment").glob("*.yaml")]
+    for group in ("method", "data", "eval", "train", "size"):
+        variants += [[f"{group}={p.stem}"] for p in (CONFIG_DIR / group).glob("*.yaml")]
+    for v in variants:
+        schema.check(compose(*v))
+
+
+@pytest.mark.parametrize(
+    "bad,message",
+    [
+        ("train.steps=0", "train.steps=0 is not allowed: an integer >= 1"),
+        ("train.steps=-5", "train.steps=-5 is not allowed: an integer >= 1"),
+        ("train.steps=abc", "train.steps='abc' is not allowed: an integer >= 1"),
+        ("train.lr=nan", "train.lr=nan is not allowed: a number > 0"),
+        ("train.lr=-1", "train.lr=-1 is not allowed: a number > 0"),
+        ("train.log_every=0", "train.log_every=0 is not allowed: an integer >= 1"),
+        ("train.ckpt_every=0", "train.ckpt_every=0 is not allowed: an integer >= 1"),
+        ("eval.weights=bogus", "eval.weights='bogus' is not allowed: one of ema, online"),
+        ("eval.budgets=[2.0]", "eval.budgets=[2.0] is not allowed: a list whose items are"),
+        ("+method.teacher.train.steps=0", "method.teacher.train.steps=0 is not allowed"),
+    ],
+)
+def test_the_issues_bad_values_are_refused_before_anything_exists(
+    compose, mlflow_uri, tmp_path, bad, message
+):
+    """Refused before a run directory, a lock or an MLflow run exists: nothing to leave RUNNING."""
+    extra = (
+        ["method=consistency", "+method.teacher.method=flow_matching"] if "teacher" in bad else []
+    )
+    with pytest.raises(UserError) as e:
+        job(compose(*TINY, *extra, bad, f"paths.root={tmp_path}", f"tracking.uri={mlflow_uri}"))
+    assert one_sentence(e.value).startswith(message)
+    assert not (tmp_path / "runs").exists() and not store_runs(mlflow_uri)
+
+
+# -- 2. one job per run directory; damaged state and checkpoints ---------------------------------
+@pytest.fixture
+def finished(compose, mlflow_uri, tmp_path):
+    """A finished tiny run: ``(cfg, run directory)``."""
+    cfg = compose(*TINY, f"paths.root={tmp_path}", f"tracking.uri={mlflow_uri}")
+    job(cfg)
+    return cfg, run_dir(cfg)
+
+
+def test_a_second_job_on_a_held_run_directory_is_one_sentence_and_touches_nothing(
+    compose, mlflow_uri, tmp_path
+):
+    cfg = compose(*TINY, f"paths.root={tmp_path}", f"tracking.uri={mlflow_uri}")
+    with RunLock(run_dir(cfg)):  # another job holds it (flock: per open file, even in-process)
+        with pytest.raises(UserError) as e:
+            job(cfg)
+    message = one_sentence(e.value)
+    assert "is in use by another job (pid" in message and str(run_dir(cfg)) in message
+    assert not store_runs(mlflow_uri)  # no MLflow run was opened
+    job(cfg)  # once the holder is gone, the same command runs
+    (run,) = store_runs(mlflow_uri)
+    assert run.info.status == "FINISHED"
+
+
+def test_a_refused_job_leaves_no_run_directory(tmp_path):
+    rd = tmp_path / "runs" / "x"
+    with pytest.raises(RuntimeError), RunLock(rd):
+        raise RuntimeError("the store could not be reached")
+    assert not rd.exists()
+
+
+DAMAGED_STATES = {
+    "truncated": lambda text: text[: len(text) // 2],
+    "garbage": lambda text: "\x00\xff not json at all",
+    "a JSON list": lambda text: "[1, 2, 3]",
+    "a JSON string": lambda text: '"finished"',
+    "a run id that is a number": lambda text: json.dumps({"mlflow_run_id": 5, "status": "x"}),
+    "empty": lambda text: "",
+}
+
+
+def test_a_damaged_or_lost_state_json_is_recovered_from_the_store_never_a_second_run(
+    finished, mlflow_uri, capsys
+):
+    """The run's identity is in its MLflow tags (config_hash, run_dir): whatever happened to
+    state.json, the rerun continues that run -- one MLflow run, FINISHED -- and says so."""
+    cfg, rd = finished
+    (first,) = store_runs(mlflow_uri)
+    good = (rd / "state.json").read_text()
+    capsys.readouterr()
+    for name, damage in [*DAMAGED_STATES.items(), ("deleted", None)]:
+        if damage is None:
+            (rd / "state.json").unlink()
+        else:
+            (rd / "state.json").write_text(damage(good))
+        job(cfg)
+        out = capsys.readouterr().out
+        assert f"continuing MLflow run {first.info.run_id} (FINISHED)" in out, (name, out)
+        (run,) = store_runs(mlflow_uri)
+        assert run.info.status == "FINISHED", name
+        assert json.loads((rd / "state.json").read_text())["mlflow_run_id"] == first.info.run_id
+
+
+def test_a_state_json_naming_another_runs_mlflow_run_is_refused(finished, compose, mlflow_uri):
+    """Hostile or copied state: a run id that belongs to another identity is never logged into."""
+    cfg, rd = finished
+    (first,) = store_runs(mlflow_uri)
+    other = compose(*TINY, "seed=1", f"paths.root={rd.parents[1]}", f"tracking.uri={mlflow_uri}")
+    ord = run_dir(other)
+    ord.mkdir(parents=True)
+    (ord / "state.json").write_text(json.dumps({"mlflow_run_id": first.info.run_id}))
+    with pytest.raises(UserError) as e:
+        job(other)
+    assert "belongs to config_hash" in one_sentence(e.value)
+    (run,) = store_runs(mlflow_uri)
+    assert run.info.status == "FINISHED"  # the victim is untouched
+
+
+@pytest.mark.parametrize(
+    "content",
+    ["truncated", "garbage", "a list", "no meta", "another identity"],
+)
+def test_a_bad_checkpoint_in_a_finished_run_is_one_sentence_and_keeps_it_finished(
+    finished, mlflow_uri, content
+):
+    import torch
+
+    cfg, rd = finished
+    ckpt = rd / "checkpoint.pt"
+    good = ckpt.read_bytes()
+    if content == "truncated":
+        ckpt.write_bytes(good[: len(good) // 3])
+    elif content == "garbage":
+        ckpt.write_bytes(b"\x89PNG not a checkpoint" * 10)
+    elif content == "a list":
+        torch.save([1, 2, 3], ckpt)
+    elif content == "no meta":
+        torch.save({"net": {}}, ckpt)
+    else:
+        state = torch.load(ckpt, weights_only=True)
+        state["meta"]["identity"] = "0" * 12
+        torch.save(state, ckpt)
+    state_before = (rd / "state.json").read_text()
+    with pytest.raises(UserError) as e:
+        job(cfg)
+    assert str(ckpt) in one_sentence(e.value)
+    (run,) = store_runs(mlflow_uri)
+    assert run.info.status == "FINISHED" and "failure" not in run.data.tags
+    assert (rd / "state.json").read_text() == state_before  # nothing lost
+
+
+def test_an_error_while_re_evaluating_a_finished_run_keeps_it_finished(
+    finished, compose, mlflow_uri, monkeypatch
+):
+    """A finished run asked for a new budget whose evaluation fails keeps FINISHED (its training
+    and stored numbers are whole), with the error as ``last_error``; the job still fails."""
+    from bench.evaluate import Evaluator
+
+    cfg, rd = finished
+    again = compose(
+        *TINY[:-1],
+        "eval.budgets=[1,2,4]",
+        f"paths.root={rd.parents[1]}",
+        f"tracking.uri={mlflow_uri}",
+    )
+
+    def broken(self, *a, **k):
+        raise RuntimeError("the evaluation broke")
+
+    monkeypatch.setattr(Evaluator, "run", broken)
+    with pytest.raises(RuntimeError):
+        job(again)
+    (run,) = store_runs(mlflow_uri)
+    assert run.info.status == "FINISHED" and "the evaluation broke" in run.data.tags["last_error"]
+    state = json.loads((rd / "state.json").read_text())
+    assert state["status"] == "finished" and "evaluated" in state
