@@ -12,7 +12,9 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import typing
+from pathlib import Path
 
 import mlflow
 import pytest
@@ -312,3 +314,136 @@ def test_an_error_while_re_evaluating_a_finished_run_keeps_it_finished(
     assert run.info.status == "FINISHED" and "the evaluation broke" in run.data.tags["last_error"]
     state = json.loads((rd / "state.json").read_text())
     assert state["status"] == "finished" and "evaluated" in state
+
+
+# -- 3. the data's content is part of the identity ------------------------------------------------
+def write_images(folder: Path, names: range, size: int = 16) -> None:
+    import numpy as np
+    from PIL import Image
+
+    folder.mkdir(parents=True, exist_ok=True)
+    for i in names:
+        rng = np.random.default_rng(i)
+        Image.fromarray(rng.integers(0, 255, (size, size, 3), dtype=np.uint8)).save(
+            folder / f"{i:04d}.png"
+        )
+
+
+def test_a_changed_image_folder_trains_a_new_run_not_the_old_numbers(
+    compose, mlflow_uri, tmp_path, capsys
+):
+    """The issue's case: delete ten images and add forty, rerun -- a new run directory and MLflow
+    run (another config_hash), trained and evaluated on the new files, not "not retraining"."""
+    imgs = tmp_path / "imgs"
+    write_images(imgs, range(50))
+    common = [
+        "data=image_folder",
+        "data.resolution=16",
+        f"data.path={imgs}",
+        "eval.features=pixel_pca",
+    ]
+    cfg = compose(*TINY, *common, f"paths.root={tmp_path}", f"tracking.uri={mlflow_uri}")
+    job(cfg)
+    for p in sorted(imgs.iterdir())[:10]:
+        p.unlink()
+    write_images(imgs, range(100, 140))
+    capsys.readouterr()
+    again = compose(*TINY, *common, f"paths.root={tmp_path}", f"tracking.uri={mlflow_uri}")
+    job(again)
+    out = capsys.readouterr().out
+    assert "not retraining" not in out and "evaluating nothing more" not in out
+    runs = store_runs(mlflow_uri)
+    assert len(runs) == 2 and len({r.data.tags["config_hash"] for r in runs}) == 2
+    assert {r.data.params["data.fingerprint"].split("-")[0] for r in runs} == {"50", "80"}
+    assert len(list((tmp_path / "runs").iterdir())) == 2
+
+
+def test_the_fingerprint_sees_every_change_to_the_files_read_and_nothing_else(compose, tmp_path):
+    from bench.identity import identity_hash, pin_data
+
+    imgs = tmp_path / "imgs"
+    write_images(imgs, range(5))
+
+    def identity():
+        cfg = compose("data=image_folder", f"data.path={imgs}")
+        pin_data(cfg)
+        return identity_hash(cfg)
+
+    seen = [identity()]
+    (imgs / "notes.txt").write_text("not an image")  # not read by the loader: no change
+    (imgs / ".fewstep-stats").mkdir()  # the reference-statistics cache lives here
+    (imgs / ".fewstep-stats" / "fid-stats.npz").write_bytes(b"x")
+    assert identity() == seen[0]
+    first = imgs / "0000.png"
+    os.utime(first, ns=(first.stat().st_atime_ns, first.stat().st_mtime_ns + 10**9))  # rewritten
+    seen.append(identity())
+    (imgs / "0001.png").rename(imgs / "sub.png")  # renamed
+    seen.append(identity())
+    write_images(imgs, range(7, 8))  # added
+    seen.append(identity())
+    (imgs / "sub.png").unlink()  # removed
+    seen.append(identity())
+    assert len(set(seen)) == len(seen)
+    assert identity() == seen[-1]  # and stable
+
+
+def test_a_changed_latents_store_is_another_identity(compose, tmp_path):
+    import numpy as np
+
+    from bench.identity import identity_hash, pin_data
+
+    store = tmp_path / "lat"
+    store.mkdir()
+    np.save(store / "a.npy", np.zeros((8, 4, 4, 4), np.float32))
+
+    def identity():
+        cfg = compose("data=latents", f"data.path={store}")
+        pin_data(cfg)
+        return identity_hash(cfg)
+
+    before = identity()
+    np.save(store / "a.npy", np.ones((8, 4, 4, 4), np.float32))  # same size, new content
+    st = (store / "a.npy").stat()
+    os.utime(store / "a.npy", ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))  # a later write
+    assert identity() != before
+    (store / "latents.json").write_text("{}")  # bench.encode's metadata is read too
+    assert identity() not in (before,)
+
+
+@pytest.mark.parametrize("count", [1, 2, 12, 39])
+def test_an_image_folder_too_small_for_the_metrics_is_one_sentence_naming_the_minimum(
+    compose, mlflow_uri, tmp_path, count
+):
+    imgs = tmp_path / "imgs"
+    write_images(imgs, range(count))
+    cfg = compose(
+        *TINY,
+        "data=image_folder",
+        "data.resolution=16",
+        f"data.path={imgs}",
+        "eval.features=pixel_pca",
+        f"paths.root={tmp_path}",
+        f"tracking.uri={mlflow_uri}",
+    )
+    with pytest.raises(UserError) as e:
+        job(cfg)
+    message = one_sentence(e.value)
+    assert "need at least 4" in message and "40 images at 0.1" in message
+    assert not (tmp_path / "runs").exists() and not store_runs(mlflow_uri)
+
+
+def test_forty_images_are_enough(compose, mlflow_uri, tmp_path):
+    imgs = tmp_path / "imgs"
+    write_images(imgs, range(40))
+    cfg = compose(
+        *TINY,
+        "data=image_folder",
+        "data.resolution=16",
+        f"data.path={imgs}",
+        "eval.features=pixel_pca",
+        f"paths.root={tmp_path}",
+        f"tracking.uri={mlflow_uri}",
+    )
+    job(cfg)
+    (run,) = store_runs(mlflow_uri)
+    assert run.info.status == "FINISHED" and math.isfinite(run.data.metrics["precision/steps_1"])

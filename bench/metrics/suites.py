@@ -69,6 +69,7 @@ class ImageSuite:
         decoder=None,
     ):
         self.data, self.device, self.decoder = data, device, decoder
+        check_sizes(data, num_samples)
         self.extractor, self.extractor_name = load_feature_net(
             data.name, data.shape[0], features, data.train_x
         )
@@ -242,6 +243,28 @@ class PointSuite:
 
 
 Suite = ImageSuite | PointSuite
+
+
+#: The fewest points each side of the k-nearest-neighbour metrics (precision, recall, density,
+#: coverage; k = 3) may have: the k-th neighbour of a point other than itself must exist.
+MIN_POINTS = quality.K + 1
+
+
+def check_sizes(data: Dataset, num_samples: int) -> None:
+    """A tiny image folder (or split) is refused in one sentence naming the minimum, before any
+    metric divides by it (k-NN radii on 2 held-out images, statistics of an empty split)."""
+    for what, n in (
+        ("training split", len(data.train_x)),
+        ("held-out split", len(data.test_x)),
+        ("eval.num_samples", num_samples),
+    ):
+        if n < MIN_POINTS:
+            raise UserError(
+                f"{data.name}: the {what} has {n} items, but the metrics (k-nearest neighbours, "
+                f"k={quality.K}) need at least {MIN_POINTS} in each split and in eval.num_samples; "
+                "add data (an image folder holds out every 1/data.test_fraction-th image, so "
+                f"{MIN_POINTS * 10} images at 0.1) or raise data.test_fraction / eval.num_samples"
+            )
 
 
 def suite_for(
