@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import os
 import sys
 from pathlib import Path
 
@@ -80,6 +81,38 @@ def check_choices(argv: list[str]) -> None:
         for v in values:
             if isinstance(v, str) and v not in known:
                 raise UserError(f"unknown {group} {v!r}; choose one of: {', '.join(known)}")
+
+
+def hide_secrets(argv: list[str]) -> list[str]:
+    """``argv`` with every command-line secret (a secret-named key, or a URI with userinfo such
+    as ``tracking.uri=http://user:pw@host``) moved into this process's environment and replaced
+    by an ``${oc.env:...}`` interpolation. Hydra writes the command line and the composed config
+    to its own output folder (``.hydra/overrides.yaml``, ``config.yaml``, ``hydra.yaml``,
+    ``multirun.yaml``) before any job code runs: this way it writes the interpolation, never the
+    secret, while the job -- and subprocesses it launches, which inherit the environment --
+    resolves the real value. Our own records redact it as well (``bench.track.redact``)."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    from bench.track import has_secret
+
+    parser, out = OverridesParser.create(), []
+    for i, arg in enumerate(argv):
+        if "=" not in arg or arg.startswith("-"):
+            out.append(arg)
+            continue
+        try:
+            (o,) = parser.parse_overrides([arg])
+        except Exception:  # check_choices reports it in one sentence
+            out.append(arg)
+            continue
+        value = None if o.is_sweep_override() or o.is_delete() else o.value()
+        if not isinstance(value, str | int | float) or not has_secret(o.key_or_group, value):
+            out.append(arg)
+            continue
+        name = f"FEWSTEP_SECRET_{i}"
+        os.environ[name] = str(value)
+        out.append(f"{arg.split('=', 1)[0]}=${{oc.env:{name}}}")
+    return out
 
 
 # -- the job ---------------------------------------------------------------------------------------
@@ -220,6 +253,7 @@ def cli() -> None:
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(EXIT_USER_ERROR)
+    sys.argv[1:] = hide_secrets(sys.argv[1:])  # before Hydra writes its own copy of them
     main()
 
 

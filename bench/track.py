@@ -48,10 +48,33 @@ def is_secret(key: str) -> bool:
     return not SECRET_WORDS.isdisjoint(words) or words[-1] in SECRET_LAST_WORDS
 
 
+#: ``scheme://user:password@host`` (or ``scheme://token@host``): the userinfo of a URI.
+USERINFO = re.compile(r"(?i)\b([a-z][a-z0-9+.-]*://)[^/@\s]+@")
+
+
+def redact_value(v):
+    """A value with the userinfo of every URI in it replaced: ``http://***@host`` (strings inside
+    lists too); other values unchanged."""
+    if isinstance(v, str):
+        return USERINFO.sub(rf"\1{REDACTED}@", v)
+    if isinstance(v, list | tuple):
+        return type(v)(redact_value(i) for i in v)
+    return v
+
+
+def has_secret(key: str, value) -> bool:
+    """Whether ``key=value`` carries a secret: a secret-named key or a URI with userinfo."""
+    return is_secret(key.rsplit(".", 1)[-1]) or redact_value(value) != value
+
+
 def redact(d: dict) -> dict:
-    """``d`` with the value of every secret-named key (a whole sub-tree too) replaced by ``***``."""
+    """``d`` with the value of every secret-named key (a whole sub-tree too) replaced by ``***``
+    and the userinfo of every URI (``http://user:pw@host``, in ``tracking.uri`` or anywhere)
+    replaced by ``***``."""
     return {
-        k: REDACTED if is_secret(str(k)) else (redact(v) if isinstance(v, dict) else v)
+        k: REDACTED
+        if is_secret(str(k))
+        else (redact(v) if isinstance(v, dict) else redact_value(v))
         for k, v in d.items()
     }
 
@@ -100,7 +123,7 @@ def first_contact(uri: str) -> Iterator[None]:
     db = sqlite_path(uri)
     if db is not None and not db.resolve().parent.is_dir():
         raise UserError(
-            f"MLflow tracking URI {uri} cannot be reached: the folder {db.resolve().parent} does "
+            f"MLflow tracking URI {redact_value(uri)} cannot be reached: the folder {db.resolve().parent} does "
             "not exist; create it or fix tracking.uri / MLFLOW_TRACKING_URI"
         )
     try:
@@ -119,7 +142,8 @@ def first_contact(uri: str) -> Iterator[None]:
         errno = re.search(r"\[Errno -?\d+\] [^\"')]+", text)
         reason = errno.group(0) if errno else text.splitlines()[0][:200]
         raise UserError(
-            f"MLflow tracking URI {uri} cannot be reached or used ({reason}); start the server "
+            f"MLflow tracking URI {redact_value(uri)} cannot be reached or used "
+            f"({redact_value(reason)}); start the server "
             "or fix tracking.uri / MLFLOW_TRACKING_URI"
         ) from e
 
@@ -204,7 +228,9 @@ class Tracker:
                 return self.client.create_experiment(name)
             except Exception:
                 time.sleep(0.2 * (attempt + 1))
-        raise UserError(f"cannot create or find MLflow experiment {name!r} at {self.uri}")
+        raise UserError(
+            f"cannot create or find MLflow experiment {name!r} at {redact_value(self.uri)}"
+        )
 
     def log_params(self, params: dict[str, str]) -> None:
         from mlflow.entities import Param

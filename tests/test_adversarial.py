@@ -447,3 +447,63 @@ def test_forty_images_are_enough(compose, mlflow_uri, tmp_path):
     job(cfg)
     (run,) = store_runs(mlflow_uri)
     assert run.info.status == "FINISHED" and math.isfinite(run.data.metrics["precision/steps_1"])
+
+
+# -- 4. secrets reach neither disk nor the server -------------------------------------------------
+def test_userinfo_in_uris_is_redacted_in_params_and_config():
+    from bench.track import REDACTED, flatten, redact
+
+    config = {
+        "tracking": {"uri": "http://alice:s3cr3t@mlflow.example:5000", "experiment": "x"},
+        "data": {"path": "s3://AKIAKEY:wJalr@bucket/data", "sources": ["https://tok@h/x"]},
+        "paths": {"root": "/results"},
+    }
+    flat = flatten(config)
+    assert flat["tracking.uri"] == f"http://{REDACTED}@mlflow.example:5000"
+    assert flat["data.path"] == f"s3://{REDACTED}@bucket/data"
+    text = json.dumps(redact(config))
+    assert not any(s in text for s in ("s3cr3t", "alice", "AKIAKEY", "wJalr", "tok@"))
+    assert redact({"paths": {"root": "/a@b/c"}}) == {"paths": {"root": "/a@b/c"}}  # not a URI
+
+
+def test_command_line_secrets_are_moved_out_of_hydras_files(monkeypatch):
+    from bench.run import hide_secrets
+
+    argv = hide_secrets(
+        ["-m", "train.steps=2", "tracking.uri=http://alice:s3cr3t@h:1", "+data.hf_token=hf_x"]
+    )
+    assert argv[:2] == ["-m", "train.steps=2"]
+    assert argv[2] == "tracking.uri=${oc.env:FEWSTEP_SECRET_2}"
+    assert argv[3] == "+data.hf_token=${oc.env:FEWSTEP_SECRET_3}"
+    assert os.environ["FEWSTEP_SECRET_2"] == "http://alice:s3cr3t@h:1"
+    for name in ("FEWSTEP_SECRET_2", "FEWSTEP_SECRET_3"):
+        monkeypatch.delenv(name)
+
+
+@pytest.mark.slow
+def test_a_password_in_the_tracking_uri_reaches_no_file_and_no_message(tmp_path):
+    """The issue's case, through the real CLI and Hydra: ``tracking.uri=http://user:pw@host``
+    (a server nobody listens on). Hydra's own folder (multirun.yaml, .hydra/*.yaml) and the
+    error message hold ``***`` or an interpolation, never the password."""
+    import socket
+
+    from conftest import run_cli
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proc = run_cli(
+        "-m",
+        "train.steps=1",
+        f"tracking.uri=http://alice:pw-s3cr3t@127.0.0.1:{port}",
+        f"paths.root={tmp_path}",
+        cwd=tmp_path,
+        env={"OMP_NUM_THREADS": "1"},
+    )
+    assert proc.returncode != 0
+    assert "pw-s3cr3t" not in proc.stderr + proc.stdout
+    assert f"MLflow tracking URI http://***@127.0.0.1:{port} cannot be reached" in proc.stderr
+    written = [p for p in tmp_path.rglob("*") if p.is_file()]
+    assert any(p.name == "multirun.yaml" for p in written)
+    assert any(p.name == "overrides.yaml" for p in written)
+    assert not [p for p in written if b"pw-s3cr3t" in p.read_bytes()]
