@@ -201,7 +201,7 @@ class RunRecord:
     def preempted(self, e: Preempted) -> None:
         """KILLED in MLflow -- neither FINISHED nor left looking RUNNING -- and ``preempted`` in
         state.json; the next start resumes the run and sets it RUNNING again."""
-        tags = {"preempted": f"{e.signal_name} at step {e.step}"}
+        tags = {"preempted": f"{e.signal_name} {e.when}"}
         self._end("preempted", "KILLED", tags, preempted=str(e))
 
     def interrupted(self, e: BaseException) -> None:

@@ -10,9 +10,10 @@ A job is three phases, each owned by one module: training (``bench.train.Trainer
 the MLflow run). A job's identity (``bench.identity``) names its run directory and its MLflow run,
 so running the same command again resumes training from the last checkpoint, continues the same
 MLflow run, and evaluates only the budgets missing under the current evaluation protocol. Bad
-input is one sentence on stderr and exit 2. SIGUSR1/SIGTERM end the current training step (or
-evaluation budget), save what a rerun needs, mark the MLflow run KILLED and exit 3; any other
-error after the MLflow run is opened marks it FAILED with the reason (docs/FAILURES.md).
+input is one sentence on stderr and exit 2. SIGUSR1/SIGTERM/SIGINT end the current training step
+(or evaluation budget, or the set-up), save what a rerun needs, mark the MLflow run KILLED and
+exit 3; any other error after the MLflow run is opened marks it FAILED with the reason
+(docs/FAILURES.md).
 """
 
 from __future__ import annotations
@@ -39,7 +40,7 @@ from bench.build import (
     prepare,
     resolve_teacher,
 )
-from bench.errors import EXIT_PREEMPTED, EXIT_USER_ERROR, UserError
+from bench.errors import EXIT_INTERRUPTED, EXIT_PREEMPTED, EXIT_USER_ERROR, UserError
 from bench.identity import identity_hash, pin_data, run_dir, short_name
 from bench.lock import RunLock
 from bench.objective import check_objective, objective_value, sweeper_choice
@@ -133,12 +134,19 @@ def job(
 
     record = RunRecord(run_dir(cfg))
     with contextlib.ExitStack() as held:
+        # From the lock on, a stop signal (SIGTERM, SIGINT, ...) is only recorded, and acted on at
+        # the next boundary (the start of training, a step, a budget): the run ends KILLED with
+        # one sentence, never killed mid-set-up and left RUNNING.
+        if preemption is not None:
+            held.enter_context(preemption.watching())
         try:
             evaluator = make_evaluator(cfg, parts.data, parts.device, parts.conditional)
             held.enter_context(RunLock(record.dir))  # one job per run directory at a time
             # A damaged checkpoint is refused before the MLflow run is touched: a FINISHED run
             # stays FINISHED (the checkpoint is read once, here, and handed to the trainer).
             saved = load_checkpoint(record.dir / CHECKPOINT, checkpoint_meta(cfg, parts))
+            if preemption is not None:  # a signal so far: stop before a run is even opened
+                preemption.check(None, "no run was opened")
             record.open(cfg, parts.net.name, parts.device, world)
         except BaseException:
             ddp.main_ready(world, failed=True)
@@ -243,6 +251,14 @@ def main(cfg: DictConfig) -> float | None:
         # the checkpoint is saved; anywhere else this is a no-op and we exit 3.
         preemption.forward()
         sys.exit(EXIT_PREEMPTED)
+    except KeyboardInterrupt:  # Ctrl-C twice: stopped at once, without a checkpoint of its own
+        print(
+            "interrupted (Ctrl-C twice); the run is marked KILLED; run the same command again "
+            "to resume from its last checkpoint",
+            file=sys.stderr,
+            flush=True,
+        )
+        sys.exit(EXIT_INTERRUPTED)
     finally:
         ddp.shutdown()
 

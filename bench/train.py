@@ -181,6 +181,15 @@ class Trainer:
         """Train to ``cfg.steps`` (or to ``stop_at``, for tests that simulate an interruption)."""
         cfg = self.cfg
         end = min(cfg.steps, stop_at) if stop_at is not None else cfg.steps
+        # A signal during the set-up (bench.run watches from the moment the run is opened) stops
+        # here, before the first step: the last checkpoint is all a rerun needs.
+        stop = self.preemption is not None and self.preemption.requested
+        if ddp.any_true(stop, self.world) if self.world.distributed else stop:
+            kept = self.checkpoint_path.exists()
+            saved = f"checkpoint {self.checkpoint_path} kept" if kept else "nothing trained yet"
+            raise Preempted(
+                self.preemption.signal_name if self.preemption else "a peer", None, saved
+            )
         if self.step >= end:
             return
         with self.preemption.watching() if self.preemption else contextlib.nullcontext():

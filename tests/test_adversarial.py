@@ -507,3 +507,117 @@ def test_a_password_in_the_tracking_uri_reaches_no_file_and_no_message(tmp_path)
     assert any(p.name == "multirun.yaml" for p in written)
     assert any(p.name == "overrides.yaml" for p in written)
     assert not [p for p in written if b"pw-s3cr3t" in p.read_bytes()]
+
+
+# -- 5. signals at set-up, training and evaluation ------------------------------------------------
+def signalled_job(cfg, monkeypatch, where: str, *signums):
+    """``job(cfg)`` under ``Preemption`` with ``signums`` raised at ``where``: ``before_open``
+    (building the evaluator), ``setup`` (after the MLflow run is opened, before training),
+    ``training`` (inside step 2's loss), ``evaluation`` (inside the first budget)."""
+    import signal
+
+    import bench.run
+    from bench.evaluate import Evaluator
+    from bench.preemption import Preemption
+    from methods.shortcut import Shortcut
+
+    def fire():
+        for s in signums:
+            signal.raise_signal(s)
+
+    if where == "before_open":
+        real_make = bench.run.make_evaluator
+        monkeypatch.setattr(bench.run, "make_evaluator", lambda *a: (fire(), real_make(*a))[1])
+    elif where == "setup":
+        real_teacher = bench.run.resolve_teacher
+        monkeypatch.setattr(bench.run, "resolve_teacher", lambda *a: (fire(), real_teacher(*a))[1])
+    elif where == "training":
+        real_loss = Shortcut.loss
+
+        def loss(self, nets, batch, step):
+            if step == 1:
+                fire()
+            return real_loss(self, nets, batch, step)
+
+        monkeypatch.setattr(Shortcut, "loss", loss)
+    else:
+        real_eval, calls = Evaluator.evaluate, []
+
+        def evaluate(self, *a):
+            calls.append(1)
+            if len(calls) == 1:
+                fire()
+            return real_eval(self, *a)
+
+        monkeypatch.setattr(Evaluator, "evaluate", evaluate)
+    previous = signal.getsignal(signal.SIGINT)
+    try:
+        with Preemption() as preemption:
+            job(cfg, preemption)
+    finally:
+        assert signal.getsignal(signal.SIGINT) == previous  # handlers restored
+        monkeypatch.undo()
+
+
+@pytest.mark.parametrize(
+    "where,expected",
+    [
+        ("before_open", "preempted by SIGINT during the set-up; no run was opened"),
+        ("setup", "preempted by SIGINT during the set-up; nothing trained yet"),
+        ("training", "preempted by SIGINT at step 2; checkpoint saved to"),
+        ("evaluation", "preempted by SIGINT at step 4; evaluated budgets [1] are saved"),
+    ],
+)
+def test_ctrl_c_is_a_clean_stop_like_sigterm_wherever_it_lands(
+    compose, mlflow_uri, tmp_path, monkeypatch, where, expected
+):
+    """SIGINT is handled as SIGTERM: recorded, acted on at the next boundary (the open, the start
+    of training, the end of a step, between budgets), one sentence, the run KILLED (or never
+    opened) -- never RUNNING -- and the same command resumes it to FINISHED in the same run."""
+    import signal
+
+    from bench.preemption import Preempted
+
+    cfg = compose(*TINY, f"paths.root={tmp_path}", f"tracking.uri={mlflow_uri}")
+    with pytest.raises(Preempted) as e:
+        signalled_job(cfg, monkeypatch, where, signal.SIGINT)
+    assert one_sentence(e.value).startswith(expected)
+    runs = store_runs(mlflow_uri)
+    if where == "before_open":
+        assert not runs and not run_dir(cfg).exists()
+    else:
+        (run,) = runs
+        assert run.info.status == "KILLED" and run.data.tags["preempted"].startswith("SIGINT")
+    job(cfg)
+    (run,) = store_runs(mlflow_uri)
+    assert run.info.status == "FINISHED"
+    if where == "training":  # resumed from the signalled step, not from scratch
+        assert json.loads((run_dir(cfg) / "state.json").read_text())["status"] == "finished"
+
+
+def test_sigterm_during_set_up_ends_the_run_killed_not_running(
+    compose, mlflow_uri, tmp_path, monkeypatch
+):
+    import signal
+
+    from bench.preemption import Preempted
+
+    cfg = compose(*TINY, f"paths.root={tmp_path}", f"tracking.uri={mlflow_uri}")
+    with pytest.raises(Preempted, match="SIGTERM during the set-up"):
+        signalled_job(cfg, monkeypatch, "setup", signal.SIGTERM)
+    (run,) = store_runs(mlflow_uri)
+    assert run.info.status == "KILLED"
+    assert json.loads((run_dir(cfg) / "state.json").read_text())["status"] == "preempted"
+
+
+def test_ctrl_c_twice_stops_at_once_and_marks_the_run_killed(
+    compose, mlflow_uri, tmp_path, monkeypatch
+):
+    import signal
+
+    cfg = compose(*TINY, f"paths.root={tmp_path}", f"tracking.uri={mlflow_uri}")
+    with pytest.raises(KeyboardInterrupt):
+        signalled_job(cfg, monkeypatch, "setup", signal.SIGINT, signal.SIGINT)
+    (run,) = store_runs(mlflow_uri)
+    assert run.info.status == "KILLED"
+    assert run.data.tags["failure"] == "interrupted (KeyboardInterrupt)"
