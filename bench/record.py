@@ -33,6 +33,7 @@ from pathlib import Path
 from omegaconf import DictConfig, OmegaConf
 
 from bench import distributed as ddp
+from bench.checkpoint import write_error
 from bench.errors import UserError
 from bench.identity import identity_config, identity_hash
 from bench.preemption import Preempted
@@ -104,7 +105,14 @@ class RunRecord:
     def save(self) -> None:
         path = self.dir / STATE
         tmp = path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(self.state, indent=1, sort_keys=True))
+        try:
+            tmp.write_text(json.dumps(self.state, indent=1, sort_keys=True))
+        except OSError as e:  # a full disk: the last whole state.json stays
+            tmp.unlink(missing_ok=True)
+            raise UserError(
+                f"cannot write {path} ({write_error(e, self.dir)}); the previous one is kept: "
+                "free space, then run the same command again"
+            ) from e
         os.replace(tmp, path)
 
     # -- opening ------------------------------------------------------------------------------

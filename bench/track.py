@@ -253,6 +253,28 @@ class Tracker:
         for i in range(0, len(batch), 1000):
             self.client.log_batch(self.run_id, metrics=batch[i : i + 1000])
 
+    def log_training(self, metrics: dict[str, float], step: int) -> str | None:
+        """Training-curve points, kept and retried when the store fails: a server restart or a
+        locked sqlite file during a week-long run must not kill the training. Each call first
+        sends what earlier failed calls kept (in order, with their original times), with the
+        quick first-contact retries instead of MLflow's minutes; returns None when everything
+        is logged, else the store's error in a few words (the points stay kept)."""
+        from mlflow.entities import Metric
+
+        now = int(time.time() * 1000)
+        self.pending = [
+            *getattr(self, "pending", []),
+            *(Metric(k, float(v), now, step) for k, v in metrics.items()),
+        ]
+        try:
+            with _env(FIRST_CONTACT_ENV):
+                while self.pending:
+                    self.client.log_batch(self.run_id, metrics=self.pending[:1000])
+                    self.pending = self.pending[1000:]
+        except Exception as e:
+            return redact_value(str(e).strip().splitlines()[0][:200] or type(e).__name__)
+        return None
+
     def log_artifact(self, path: Path, artifact_path: str | None = None) -> None:
         self.client.log_artifact(self.run_id, str(path), artifact_path)
 

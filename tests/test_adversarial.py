@@ -621,3 +621,114 @@ def test_ctrl_c_twice_stops_at_once_and_marks_the_run_killed(
     (run,) = store_runs(mlflow_uri)
     assert run.info.status == "KILLED"
     assert run.data.tags["failure"] == "interrupted (KeyboardInterrupt)"
+
+
+# -- 6. a full disk, a failing store ----------------------------------------------------------------
+def test_a_full_disk_while_saving_a_checkpoint_is_one_sentence_and_the_run_resumes(
+    compose, mlflow_uri, tmp_path, monkeypatch
+):
+    """ENOSPC in the middle of writing checkpoint 2 of 2: one sentence naming the path, the
+    temporary file removed, checkpoint 1 kept, the run FAILED with the sentence; the same command
+    with room again resumes from checkpoint 1 and finishes, in the same MLflow run."""
+    import errno
+
+    import torch
+
+    from bench import checkpoint
+
+    cfg = compose(*TINY, f"paths.root={tmp_path}", f"tracking.uri={mlflow_uri}")
+    real_save = torch.save
+
+    def full_disk(state, f):
+        if isinstance(state, dict) and state.get("step") == 4:
+            Path(f).write_bytes(b"half a checkpoint")  # what a write cut short leaves
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_save(state, f)
+
+    monkeypatch.setattr(checkpoint.torch, "save", full_disk)
+    with pytest.raises(UserError) as e:
+        job(cfg)
+    rd = run_dir(cfg)
+    message = one_sentence(e.value)
+    assert message.startswith(f"cannot write checkpoint {rd / 'checkpoint.pt'} (No space left")
+    assert "previous checkpoint kept" in message
+    assert not list(rd.glob(".checkpoint.pt.*.tmp"))
+    assert checkpoint.load(rd / "checkpoint.pt")["step"] == 2  # the previous one, whole
+    (run,) = store_runs(mlflow_uri)
+    assert run.info.status == "FAILED" and "No space left" in run.data.tags["failure"]
+    monkeypatch.undo()
+    job(cfg)
+    (run,) = store_runs(mlflow_uri)
+    assert run.info.status == "FINISHED" and checkpoint.load(rd / "checkpoint.pt")["step"] == 4
+
+
+def test_a_full_disk_on_a_real_small_tmpfs(tmp_path):
+    """The same with a real full filesystem, where the machine lets us mount one."""
+    import subprocess
+
+    import torch
+
+    from bench import checkpoint
+
+    mnt = tmp_path / "small"
+    mnt.mkdir()
+    mounted = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=256k", "tmpfs", str(mnt)], capture_output=True
+    )
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here ({mounted.stderr.decode().strip()[:80]})")
+    try:
+        checkpoint.save(mnt / "checkpoint.pt", {"meta": {}, "w": torch.zeros(1000)})
+        with pytest.raises(UserError, match="cannot write checkpoint .*previous checkpoint kept"):
+            checkpoint.save(mnt / "checkpoint.pt", {"meta": {}, "w": torch.zeros(200_000)})
+        assert not list(mnt.glob(".checkpoint.pt.*.tmp"))
+        assert checkpoint.load(mnt / "checkpoint.pt")["w"].shape == (1000,)
+    finally:
+        subprocess.run(["umount", str(mnt)], capture_output=True)
+
+
+def test_a_full_disk_while_writing_state_json_keeps_the_last_whole_one(tmp_path, monkeypatch):
+    import errno
+
+    from bench.record import RunRecord, read_state
+
+    record = RunRecord(tmp_path)
+    record.state = {"status": "running", "mlflow_run_id": "abc"}
+    record.save()
+
+    def full(self, text, *a, **k):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(Path, "write_text", full)
+    record.state["status"] = "finished"
+    with pytest.raises(UserError) as e:
+        record.save()
+    monkeypatch.undo()
+    assert one_sentence(e.value).startswith(f"cannot write {tmp_path / 'state.json'}")
+    assert read_state(tmp_path)["status"] == "running" and not list(tmp_path.glob("*.tmp"))
+
+
+def test_a_failing_tracking_store_during_training_does_not_stop_it(
+    compose, mlflow_uri, tmp_path, monkeypatch, caplog
+):
+    """The store refuses the step-2 training points: training goes on, says so once, and the
+    points reach the store with the step-4 ones -- the curve is whole, the run FINISHED."""
+    from mlflow.tracking import MlflowClient
+
+    cfg = compose(*TINY, f"paths.root={tmp_path}", f"tracking.uri={mlflow_uri}")
+    real, refused = MlflowClient.log_batch, []
+
+    def flaky(self, run_id, metrics=(), *a, **k):
+        if any(m.key == "train/loss" and m.step == 2 for m in metrics) and not refused:
+            refused.append(1)
+            raise ConnectionError("the store is restarting")
+        return real(self, run_id, metrics, *a, **k)
+
+    monkeypatch.setattr(MlflowClient, "log_batch", flaky)
+    with caplog.at_level("WARNING"):
+        job(cfg)
+    assert refused and "the tracking store failed at step 2" in caplog.text
+    (run,) = store_runs(mlflow_uri)
+    assert run.info.status == "FINISHED"
+    curve = MlflowClient(mlflow_uri).get_metric_history(run.info.run_id, "train/loss")
+    assert sorted(m.step for m in curve) == [2, 4]
