@@ -72,6 +72,7 @@ class Dataset:
     num_classes: int = 0
     kind: str = "image"  # "image" | "latent" | "points"
     latent: LatentInfo | None = None
+    fingerprint: str = ""  # of the files it was read from (bench.identity.pin_data); "" if none
 
     @property
     def shape(self) -> tuple[int, ...]:
@@ -216,6 +217,7 @@ def image_folder(
     channels: int = 3,
     test_fraction: float = 0.1,
     conditional: bool = False,
+    fingerprint: str = "",
     **_,
 ) -> Dataset:
     """A user's folder of images. Sub-folders are classes (sorted names -> 0, 1, ...); images
@@ -242,8 +244,29 @@ def image_folder(
         test[-1] = True  # tiny folders: keep one held-out image so test metrics stay defined
     pick = lambda m: (x[m], None if y is None else y[m])  # noqa: E731
     return Dataset(
-        folder.name, *pick(~test), *pick(test), num_classes=len(classes) if labelled else 0
+        folder.name,
+        *pick(~test),
+        *pick(test),
+        num_classes=len(classes) if labelled else 0,
+        fingerprint=fingerprint,
     )
+
+
+def source_files(node) -> tuple[Path, list[Path]] | None:
+    """The folder and the files a data config's loader reads (``image_folder``: its images;
+    ``latents``: its shards and ``latents.json``), for ``bench.identity.pin_data``; None for data
+    made in code or a folder that does not exist (the loader refuses that in one sentence)."""
+    target, path = str(node.get("_target_", "")), node.get("path")
+    if not path or target not in ("bench.data.image_folder", "bench.data.latents"):
+        return None
+    folder = Path(path).expanduser()
+    if not folder.is_dir():
+        return None
+    if target.endswith("image_folder"):
+        return folder, _images_in(folder)
+    meta = folder / LATENTS_META
+    shards = sorted(p for p in folder.iterdir() if p.suffix in (".npy", ".npz") and p.is_file())
+    return folder, [*shards, *([meta] if meta.is_file() else [])]
 
 
 #: bench.encode's metadata file beside the latent shards.
@@ -262,7 +285,11 @@ def latents_meta(folder: Path) -> dict | None:
 
 
 def latents(
-    path: str | None = None, test_fraction: float = 0.02, conditional: bool = False, **_
+    path: str | None = None,
+    test_fraction: float = 0.02,
+    conditional: bool = False,
+    fingerprint: str = "",
+    **_,
 ) -> Dataset:
     """VAE latent shards: ``*.npz`` with arrays ``latents`` (N, C, H, W) and optional ``labels``,
     or ``*.npy`` holding latents only. With bench.encode's ``latents.json`` the shards it lists
@@ -325,4 +352,5 @@ def latents(
         num_classes=num_classes,
         kind="latent",
         latent=info,
+        fingerprint=fingerprint,
     )

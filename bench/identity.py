@@ -64,6 +64,37 @@ def identity_config(cfg: DictConfig, effective: bool = True) -> dict:
     return out
 
 
+def fingerprint(root: Path, files: list[Path]) -> str:
+    """A content fingerprint of ``files`` under ``root``: SHA-256 over each one's path relative
+    to ``root``, size and modification time (ns), in sorted order. One ``stat`` per file and no
+    reading: ~1 s per million files on a local disk (``benchmarks/data_fingerprint.py``). A file
+    added, removed, renamed, resized or rewritten changes it; a copy that does not keep
+    modification times (``cp`` without ``-p``, ``rsync`` without ``-t``) counts as new data."""
+    h = hashlib.sha256()
+    for rel in sorted(str(f.relative_to(root)) for f in files):
+        st = (root / rel).stat()
+        h.update(f"{rel}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+    return f"{len(files)}-{h.hexdigest()[:16]}"
+
+
+def pin_data(cfg: DictConfig) -> None:
+    """Set ``data.fingerprint`` for data read from a folder (``image_folder``, ``latents``): the
+    files the loader will read, fingerprinted, so a changed dataset is another run (a new run
+    directory and MLflow run) instead of the old results reported under the old identity. Data
+    generated in code (digits16, shapes16, toy2d) has none; a missing folder is left to the
+    loader's one-sentence error."""
+    from omegaconf import open_dict
+
+    from bench.data import source_files
+
+    found = source_files(cfg.data)
+    if found is None:
+        return
+    root, files = found
+    with open_dict(cfg):
+        cfg.data.fingerprint = fingerprint(root, files)
+
+
 def world_size() -> int:
     """Processes training this run (1 unless a torch.distributed process group is up)."""
     import torch.distributed as dist

@@ -46,7 +46,6 @@ RUN_COLUMNS = {
     "tags.k_ratio": "k_ratio",
     "tags.config_hash": "config_hash",
     "tags.group_hash": "group_hash",
-    "tags.recipe": "recipe",
     "status": "status",
     "tags.failure": "reason",
     "tags.eval.num_samples": "num_samples",

@@ -86,6 +86,7 @@ class ImageSuite:
                 "resamples, 0 (no intervals) or a whole number of at least 20 (default 200)"
             )
         self.resamples = resamples  # bootstrap resamples per interval (0: none)
+        check_sizes(data, num_samples)
         self.extractor, self.extractor_name = load_feature_net(
             data.name, data.shape[0], features, data.train_x
         )
@@ -139,6 +140,8 @@ class ImageSuite:
             "n": str(len(data.train_x)),
             "decoded": str(self.decoder is not None),
         }
+        if getattr(data, "fingerprint", ""):  # other files, other statistics (bench.identity)
+            key["content"] = data.fingerprint
         if self.decoder is not None:  # other decoder (or VAE weights), other reference images
             key["decoder"] = str(getattr(self.decoder, "name", type(self.decoder).__name__))
             if data.latent is not None and data.latent.vae_sha256:
@@ -308,6 +311,28 @@ class PointSuite:
 
 
 Suite = ImageSuite | PointSuite
+
+
+#: The fewest points each side of the k-nearest-neighbour metrics (precision, recall, density,
+#: coverage; k = 3) may have: the k-th neighbour of a point other than itself must exist.
+MIN_POINTS = quality.K + 1
+
+
+def check_sizes(data: Dataset, num_samples: int) -> None:
+    """A tiny image folder (or split) is refused in one sentence naming the minimum, before any
+    metric divides by it (k-NN radii on 2 held-out images, statistics of an empty split)."""
+    for what, n in (
+        ("training split", len(data.train_x)),
+        ("held-out split", len(data.test_x)),
+        ("eval.num_samples", num_samples),
+    ):
+        if n < MIN_POINTS:
+            raise UserError(
+                f"{data.name}: the {what} has {n} items, but the metrics (k-nearest neighbours, "
+                f"k={quality.K}) need at least {MIN_POINTS} in each split and in eval.num_samples; "
+                "add data (an image folder holds out every 1/data.test_fraction-th image, so "
+                f"{MIN_POINTS * 10} images at 0.1) or raise data.test_fraction / eval.num_samples"
+            )
 
 
 def suite_for(
