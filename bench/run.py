@@ -24,6 +24,7 @@ import hydra
 from omegaconf import DictConfig
 
 from bench import distributed as ddp
+from bench import shard
 from bench.budget import training_budget
 from bench.build import (
     CONFIG_DIR,
@@ -84,17 +85,23 @@ def job(
 ) -> float | None:
     """One job. ``preemption`` (installed by ``main``) carries stop signals to the training loop
     and the evaluation loop; without it a signal has its default effect. Under DDP (``world``,
-    bench.distributed) every process trains; rank 0 alone records and evaluates."""
+    bench.distributed) every process trains and samples its share of the evaluation
+    (bench.shard); rank 0 alone computes the metrics and records."""
     apply_compute_budget(cfg)  # before the identity: the derived steps are part of it
     parts = prepare(cfg, world)
     if not world.main:
         ddp.main_ready(world)  # rank 0 has opened the run (or failed to)
-        train(cfg, parts, None, preemption, world)
+        trainer = train(cfg, parts, None, preemption, world)
+        # Evaluation: this rank samples its share of each budget rank 0 announces (bench.shard).
+        evaluator = make_evaluator(cfg, parts.data, parts.device, parts.conditional, world)
+        net = trainer.nets.ema if evaluator.weights == "ema" else trainer.nets.online
+        net.eval()
+        shard.follow(lambda steps: evaluator.sample(parts.method, net, steps), world)
         return None
 
     record = RunRecord(run_dir(cfg))
     try:
-        evaluator = make_evaluator(cfg, parts.data, parts.device, parts.conditional)
+        evaluator = make_evaluator(cfg, parts.data, parts.device, parts.conditional, world)
         record.open(cfg, parts.net.name, parts.device, world)
     except BaseException:
         ddp.main_ready(world, failed=True)

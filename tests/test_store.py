@@ -217,9 +217,7 @@ def test_host_memory_does_not_grow_with_the_rows_of_a_store(tmp_path):
         (tmp_path / f"shards{n}").mkdir()
         np.savez(tmp_path / f"shards{n}" / "a.npz", latents=z, labels=np.zeros(n, dtype=np.int64))
     added = (big - small) * int(np.prod(shape)) * 4  # float32 rows the in-memory loader holds
-    store_growth = rss("store", tmp_path / f"store{big}") - rss(
-        "store", tmp_path / f"store{small}"
-    )
+    store_growth = rss("store", tmp_path / f"store{big}") - rss("store", tmp_path / f"store{small}")
     memory_growth = rss("shards", tmp_path / f"shards{big}") - rss(
         "shards", tmp_path / f"shards{small}"
     )
