@@ -148,6 +148,11 @@ def train(
         preemption,
         world,
     )
+    if cfg.eval.get("every"):  # evaluation during training: curves (bench.curves)
+        from bench.curves import Curves
+
+        tracker = record.tracker if record is not None else None
+        trainer.hooks.append(Curves(cfg, parts, run_dir(cfg), tracker, world))
     resumed = trainer.resume()
     if record is None:
         try:

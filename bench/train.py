@@ -120,6 +120,9 @@ class Trainer:
         if world.distributed and not method.explicit_grad_sync:
             self.wrapped = ddp.wrap(net, device)
         self.step = 0
+        # Called as hook(step, nets) after each step, before its checkpoint, on every process
+        # (bench.curves: evaluation during training).
+        self.hooks: list = []
         method.bind(self.context())
 
     def stage_of(self, step: int) -> int:
@@ -276,6 +279,13 @@ class Trainer:
                     self.tracker.log_metrics(named, step=self.step)
                 bar.set_postfix(loss=f"{means['loss']:.4f}")
                 sums, count = {}, 0
+            # Hooks run before the save (a crash in between repeats the step, never skips it),
+            # not when stopping (the grace period is for the checkpoint); their time is not
+            # training time.
+            spent = time.perf_counter()
+            for hook in self.hooks if not stop else ():
+                hook(self.step, self.nets)
+            tick += time.perf_counter() - spent
             if save_now:
                 self.save()
             if log_now:
