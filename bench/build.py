@@ -158,14 +158,30 @@ def prepare(cfg: DictConfig, world: ddp.World = ddp.SINGLE) -> Parts:
     return Parts(data, net.to(device), method.to(device), conditional, device)
 
 
-def make_evaluator(cfg: DictConfig, data, device: torch.device, conditional: bool):
+def make_evaluator(
+    cfg: DictConfig, data, device: torch.device, conditional: bool, world=ddp.SINGLE
+):
     """The evaluator of ``cfg.eval`` and its data kind's metric suite. Built before anything is
     trained or logged: a bad evaluation setting (missing Inception weights, FID on latents
-    without a decoder) fails first, and costs nothing."""
+    without a decoder) fails first, and costs nothing. Under DDP every process samples its share
+    (bench.shard); only rank 0 builds the suite that computes the metrics."""
     from bench.evaluate import Evaluator
     from bench.metrics.suites import suite_for
 
     e = cfg.eval
+    if not world.main:  # samples its share of every budget rank 0 announces; no metrics
+        return Evaluator(
+            None,
+            data,
+            e.num_samples,
+            e.seed,
+            e.batch_size,
+            device,
+            conditional,
+            budgets=tuple(e.budgets),
+            weights=e.weights,
+            world=world,
+        )
     cache = e.get("cache_dir") or (
         Path(cfg.data.path) / ".fewstep-stats"
         if cfg.data.get("path")
@@ -196,6 +212,7 @@ def make_evaluator(cfg: DictConfig, data, device: torch.device, conditional: boo
         grids=e.grids,
         save_samples=e.save_samples,
         interpolation=e.interpolation,
+        world=world,
     )
 
 

@@ -27,6 +27,8 @@ from typing import TYPE_CHECKING
 import torch
 from torch import Tensor, nn
 
+from bench import distributed as ddp
+from bench import shard
 from bench.data import Dataset
 from bench.grids import interpolation_grid, save_grid, save_samples
 from bench.metrics.suites import Suite
@@ -74,12 +76,14 @@ class Evaluator:
         grids: bool = True,
         save_samples: bool = False,
         interpolation: bool = False,
+        world: ddp.World = ddp.SINGLE,
     ):
         self.suite, self.data, self.n, self.seed = suite, data, num_samples, seed
         self.batch_size, self.device = batch_size, device
         self.budgets, self.weights = [int(s) for s in budgets], weights
         self.grids, self.save_samples, self.interpolation = grids, save_samples, interpolation
         self.x0, self.y = fixed_noise(data, num_samples, seed, conditional)
+        self.world = world  # every process samples its share of the batches (bench.shard)
 
     @property
     def floor(self) -> dict[str, float]:
@@ -109,21 +113,23 @@ class Evaluator:
         return f"v{METRICS_VERSION}-{hashlib.sha256(blob).hexdigest()[:16]}"
 
     @torch.no_grad()
-    def sample(self, method, net: nn.Module, steps: int) -> tuple[Tensor, float]:
-        """All ``num_samples`` samples at ``steps`` and the wall time spent sampling."""
-        out, elapsed = [], 0.0
-        for i in range(0, self.n, self.batch_size):
-            x0 = self.x0[i : i + self.batch_size].to(self.device)
-            y = None if self.y is None else self.y[i : i + self.batch_size].to(self.device)
-            if self.device.type == "cuda":
-                torch.cuda.synchronize()
-            tick = time.perf_counter()
-            x = method.sample(net, x0, steps, y)
-            if self.device.type == "cuda":
-                torch.cuda.synchronize()
-            elapsed += time.perf_counter() - tick
-            out.append(x.float().cpu())
-        return torch.cat(out), elapsed
+    def sample(self, method, net: nn.Module, steps: int) -> tuple[Tensor | None, float]:
+        """All ``num_samples`` samples at ``steps`` and the wall time spent sampling. Under DDP
+        each process samples its share of the batches (``bench.shard``: batch ``j`` on rank
+        ``j % W``, the same batches whatever ``W``) and rank 0 gets them all, in order, and the
+        wall time from the first batch to the last gathered sample; other ranks get ``None``."""
+        shard.wall_time_sync(self.device)
+        tick = time.perf_counter()
+        mine = {}
+        for j in shard.my_batches(self.n, self.batch_size, self.world):
+            rows = slice(j * self.batch_size, (j + 1) * self.batch_size)
+            x0 = self.x0[rows].to(self.device)
+            y = None if self.y is None else self.y[rows].to(self.device)
+            mine[j] = method.sample(net, x0, steps, y).float().cpu()
+        gathered = shard.gather_batches(mine, self.world)
+        shard.wall_time_sync(self.device)
+        elapsed = time.perf_counter() - tick
+        return (None if gathered is None else torch.cat(gathered)), elapsed
 
     def evaluate(self, method, net: nn.Module, steps: int) -> BudgetResult:
         net.eval()
@@ -174,11 +180,14 @@ class Evaluator:
                     continue
                 if preemption is not None and preemption.requested:
                     saved = f"evaluated budgets {sorted(map(int, done))} are saved"
+                    shard.announce(None, self.world)  # the other ranks stop sampling too
                     raise Preempted(preemption.signal_name, step, saved)
+                shard.announce(steps, self.world)  # the other ranks sample their share
                 r = self.evaluate(method, net, steps)
                 self.keep(r, record)
                 results[steps] = done[str(steps)] = r.metrics
                 self.store(record, key, steps, r.metrics)
+        shard.announce(None, self.world)
         if self.interpolation:
             path = record.dir / "grids" / "interpolation.png"
             grid = interpolation_grid(

@@ -27,7 +27,7 @@ from pathlib import Path
 import hydra
 from omegaconf import DictConfig
 
-from bench import checkpoint, schema
+from bench import checkpoint, schema, shard
 from bench import distributed as ddp
 from bench.budget import training_budget
 from bench.build import (
@@ -122,14 +122,20 @@ def job(
 ) -> float | None:
     """One job. ``preemption`` (installed by ``main``) carries stop signals to the training loop
     and the evaluation loop; without it a signal has its default effect. Under DDP (``world``,
-    bench.distributed) every process trains; rank 0 alone records and evaluates."""
+    bench.distributed) every process trains and samples its share of the evaluation
+    (bench.shard); rank 0 alone computes the metrics and records."""
     schema.check(cfg)  # every train/eval/data key, before anything exists (bench/schema.py)
     pin_data(cfg)  # the data's content is part of the identity (bench/identity.py)
     apply_compute_budget(cfg)  # before the identity: the derived steps are part of it
     parts = prepare(cfg, world)
     if not world.main:
         ddp.main_ready(world)  # rank 0 has opened the run (or failed to)
-        train(cfg, parts, None, preemption, world)
+        trainer = train(cfg, parts, None, preemption, world)
+        # Evaluation: this rank samples its share of each budget rank 0 announces (bench.shard).
+        evaluator = make_evaluator(cfg, parts.data, parts.device, parts.conditional, world)
+        net = trainer.nets.ema if evaluator.weights == "ema" else trainer.nets.online
+        net.eval()
+        shard.follow(lambda steps: evaluator.sample(parts.method, net, steps), world)
         return None
 
     record = RunRecord(run_dir(cfg))
@@ -140,7 +146,7 @@ def job(
         if preemption is not None:
             held.enter_context(preemption.watching())
         try:
-            evaluator = make_evaluator(cfg, parts.data, parts.device, parts.conditional)
+            evaluator = make_evaluator(cfg, parts.data, parts.device, parts.conditional, world)
             held.enter_context(RunLock(record.dir))  # one job per run directory at a time
             # A damaged checkpoint is refused before the MLflow run is touched: a FINISHED run
             # stays FINISHED (the checkpoint is read once, here, and handed to the trainer).
@@ -205,6 +211,11 @@ def train(
         preemption,
         world,
     )
+    if cfg.eval.get("every"):  # evaluation during training: curves (bench.curves)
+        from bench.curves import Curves
+
+        tracker = record.tracker if record is not None else None
+        trainer.hooks.append(Curves(cfg, parts, run_dir(cfg), tracker, world))
     resumed = trainer.resume(saved)
     if record is None:
         try:

@@ -121,6 +121,9 @@ class Trainer:
             self.wrapped = ddp.wrap(net, device)
         self.step = 0
         self.store_down = False  # the tracking store failed at the last logging step
+        # Called as hook(step, nets) after each step, before its checkpoint, on every process
+        # (bench.curves: evaluation during training).
+        self.hooks: list = []
         method.bind(self.context())
 
     def stage_of(self, step: int) -> int:
@@ -285,6 +288,13 @@ class Trainer:
                 )
                 bar.set_postfix(loss=f"{means['loss']:.4f}")
                 sums, count = {}, 0
+            # Hooks run before the save (a crash in between repeats the step, never skips it),
+            # not when stopping (the grace period is for the checkpoint); their time is not
+            # training time.
+            spent = time.perf_counter()
+            for hook in self.hooks if not stop else ():
+                hook(self.step, self.nets)
+            tick += time.perf_counter() - spent
             if save_now:
                 self.save()
             if log_now:
