@@ -83,6 +83,10 @@ class Eval:
     cache_dir: str | None
     features: Literal["auto", "classifier", "random_cnn", "pixel_pca"]
     decoder: dict | None
+    bootstrap: Annotated[int, Range(0)]  # 0 or >= 20: the suite says so (bench.metrics.suites)
+    every: Annotated[int, Range(0)]  # 0: no evaluation during training (bench.curves)
+    every_budgets: Budgets | None
+    every_num_samples: PositiveInt
 
 
 @dataclass
@@ -117,6 +121,9 @@ class ImageFolder:
     channels: Literal[1, 3]
     test_fraction: Fraction
     fingerprint: str  # set by bench.identity.pin_data, never by hand
+    flip: bool
+    store: str | None  # the packed store's folder (bench.store); None: the default cache
+    progress: bool
 
 
 @dataclass
@@ -126,6 +133,8 @@ class Latents:
     path: str | None
     test_fraction: Fraction
     fingerprint: str
+    flip: bool
+    posterior: Literal["sample", "mean"]
 
 
 @dataclass
