@@ -178,6 +178,7 @@ def make_evaluator(cfg: DictConfig, data, device: torch.device, conditional: boo
         device,
         fid=e.get("fid", False),
         features=e.get("features", "auto"),
+        resamples=e.get("bootstrap", 200),
         inception_dir=e.get("inception_dir"),
         cache_dir=cache,
         decoder=make(e.decoder).to(device).eval() if e.get("decoder") else None,

@@ -38,7 +38,7 @@ if TYPE_CHECKING:  # the record imports the trainer; the evaluator needs neither
 
 #: Bumped whenever a metric's definition changes: stored results of another version are
 #: recomputed on the next run instead of being reported beside new ones.
-METRICS_VERSION = 2
+METRICS_VERSION = 3  # 3: bootstrap intervals of FD/FID; random-cnn features z-scored
 
 
 @dataclass
@@ -151,9 +151,9 @@ class Evaluator:
         by one; returns the metrics of every budget. ``step``: the training step the weights are
         at (named if a stop signal ends the phase)."""
         net = nets.ema if self.weights == "ema" else nets.online
-        record.tags({**self.protocol(), "eval.weights": self.weights})
-        record.metrics(self.floor)
         key = self.reuse_key()
+        record.tags({**self.protocol(), "eval.weights": self.weights, "eval.protocol_key": key})
+        record.metrics(self.floor)
         done = record.evaluated(key)
         missing = [s for s in self.budgets if str(s) not in done]
         if len(missing) < len(self.budgets):
@@ -167,16 +167,18 @@ class Evaluator:
         with preemption.watching() if preemption else contextlib.nullcontext():
             for steps in self.budgets:
                 if str(steps) in done:
+                    # Logged again with its protocol: the tracking store's latest value of a
+                    # budget may come from another protocol evaluated since.
                     results[steps] = done[str(steps)]
+                    self.store(record, key, steps, done[str(steps)])
                     continue
                 if preemption is not None and preemption.requested:
                     saved = f"evaluated budgets {sorted(map(int, done))} are saved"
                     raise Preempted(preemption.signal_name, step, saved)
                 r = self.evaluate(method, net, steps)
-                record.metrics(r.metrics)
                 self.keep(r, record)
                 results[steps] = done[str(steps)] = r.metrics
-                record.store_evaluation(key, self.settings(), steps, r.metrics)
+                self.store(record, key, steps, r.metrics)
         if self.interpolation:
             path = record.dir / "grids" / "interpolation.png"
             grid = interpolation_grid(
@@ -184,8 +186,43 @@ class Evaluator:
             )
             if grid is not None:
                 record.artifact(grid, "grids")
-        print(self.table(results), flush=True)
+        others = self.other_protocols(record, key, results)
+        # The run-level eval.* tags describe this evaluation only: say when budgets of another
+        # protocol share the run (their own protocol/steps_N tags name it).
+        record.tags({"eval.other_protocol_budgets": ",".join(map(str, sorted(others))) or "none"})
+        print(self.table(results, others), flush=True)
         return results
+
+    def store(self, record: RunRecord, key: str, steps: int, metrics: dict[str, float]) -> None:
+        """A budget's metrics with the protocol they were measured under: the metrics, the tags
+        ``protocol/steps_N`` (the settings as JSON) and ``protocol_key/steps_N``, and the run
+        record's entry under ``key``."""
+        settings = self.settings()
+        record.metrics(metrics)
+        record.tags(
+            {
+                f"protocol/steps_{steps}": json.dumps(settings, sort_keys=True),
+                f"protocol_key/steps_{steps}": key,
+            }
+        )
+        record.store_evaluation(key, settings, steps, metrics)
+
+    @staticmethod
+    def other_protocols(
+        record: RunRecord, key: str, results: dict[int, dict[str, float]]
+    ) -> dict[int, tuple[str, dict[str, str]]]:
+        """Budgets this run's record holds (and its tracking run shows) under another protocol
+        than ``key`` and that this evaluation did not measure: budget -> (key, settings)."""
+        state = getattr(record, "state", None) or {}
+        evaluated, protocols = state.get("evaluated", {}), state.get("protocols", {})
+        latest = state.get("latest", {})  # budget -> the key it was last logged under
+        out: dict[int, tuple[str, dict[str, str]]] = {}
+        for other, budgets in evaluated.items():
+            for b in budgets:
+                if other == key or int(b) in results or latest.get(b, other) != other:
+                    continue
+                out[int(b)] = (other, protocols.get(other, {}))
+        return out
 
     def keep(self, r: BudgetResult, record: RunRecord) -> None:
         """A budget's sample grid (an MLflow artifact) and sample file, as configured."""
@@ -197,8 +234,14 @@ class Evaluator:
         if self.save_samples:
             save_samples(r.samples, self.y, record.dir / "samples" / f"{name}.npz")
 
-    def table(self, results: dict[int, dict[str, float]]) -> str:
-        """The printed results: a row per budget, then the protocol and the real-data floor."""
+    def table(
+        self,
+        results: dict[int, dict[str, float]],
+        others: dict[int, tuple[str, dict[str, str]]] | None = None,
+    ) -> str:
+        """The printed results: a row per budget (under it the suite's interval row, if any),
+        then the protocol, the real-data floor, and the budgets this run holds under another
+        protocol (``others``), named as such and never as rows of this table."""
         lines = [f"{'steps':>5} {'NFE':>5}  {self.suite.table_head}  samples/s"]
         for steps in sorted(results):
             m, k = results[steps], f"steps_{steps}"
@@ -206,9 +249,26 @@ class Evaluator:
                 f"{steps:>5} {int(m[f'nfe/{k}']):>5}  {self.suite.table_row(m, k)}"
                 f"  {m[f'sample/img_per_s_{k}']:9.0f}"
             )
+            if interval := self.suite.interval_row(m, k):
+                lines.append(f"{'':>11}  {interval}")
+        if note := self.suite.interval_note():
+            lines.append(note)
         detail = ", ".join(f"{k.split('.', 1)[1]}={v}" for k, v in self.protocol().items())
         floor = ", ".join(f"{k}={v:.3g}" for k, v in self.floor.items())
-        return (
+        text = (
             f"{chr(10).join(lines)}\nprotocol: {detail}\n"
             f"real-data floor ({self.suite.floor_label}): {floor}"
         )
+        for steps, (other, settings) in sorted((others or {}).items()):
+            mine = self.settings()
+            differ = [
+                f"{k.split('.', 1)[1]}={settings.get(k, '?')} (here {mine.get(k, '?')})"
+                for k in sorted(set(mine) | set(settings))
+                if settings.get(k) != mine.get(k)
+            ]
+            text += (
+                f"\nNOT IN THIS TABLE: this run also holds steps {steps} under another protocol "
+                f"(key {other}; {'; '.join(differ) or 'settings not recorded'}); "
+                "those numbers are not comparable with the rows above"
+            )
+        return text

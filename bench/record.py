@@ -245,4 +245,5 @@ class RunRecord:
         """One evaluated budget, saved at once: a crash mid-evaluation keeps those done."""
         self.state.setdefault("evaluated", {}).setdefault(key, {})[str(steps)] = metrics
         self.state.setdefault("protocols", {})[key] = settings
+        self.state.setdefault("latest", {})[str(steps)] = key  # what the tracking run shows
         self.save()
