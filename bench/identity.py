@@ -86,6 +86,17 @@ def identity_hash(cfg: DictConfig) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()[:12]
 
 
+def group_hash(cfg: DictConfig) -> str:
+    """The identity hash with ``seed`` removed: runs that differ only in their seed share it, so a
+    report can put them in one cell and give a mean and an interval over seeds (MLflow tag
+    ``group_hash``; ``reports.collect`` groups by it)."""
+    identity = {k: v for k, v in identity_config(cfg).items() if k != "seed"}
+    if isinstance(identity.get("train"), dict):  # train.seed interpolates ${seed}
+        identity["train"] = {k: v for k, v in identity["train"].items() if k != "seed"}
+    blob = json.dumps(identity, sort_keys=True, default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()[:12]
+
+
 def short_name(target: str) -> str:
     """``methods.shortcut.Shortcut`` -> ``shortcut``; ``bench.data.digits16`` -> ``digits16``."""
     parts = target.split(".")

@@ -206,7 +206,9 @@ class Tracker:
 
 def standard_tags(cfg, identity: str, net_name: str, device) -> dict[str, str]:
     """The tags every run carries: method, size, data, seed, k_ratio, config hash, host, device
-    (the git commit is provenance: ``bench.record``)."""
+    (the git commit is provenance: ``bench.record``), and the seed group (identity minus seed)."""
+    from bench.identity import group_hash
+
     method = cfg.method._target_.rsplit(".", 1)[0].rsplit(".", 1)[-1]
     return {
         "method": method,
@@ -215,6 +217,7 @@ def standard_tags(cfg, identity: str, net_name: str, device) -> dict[str, str]:
         "seed": str(cfg.seed),
         "k_ratio": str(cfg.method.get("k_ratio", "")),
         "config_hash": identity,
+        "group_hash": group_hash(cfg),
         "host": socket.gethostname(),
         "device": str(device),
         "pid": str(os.getpid()),
