@@ -24,16 +24,16 @@ NOT_IDENTITY = ("log_every", "ckpt_every", "progress", "compile", "grad_checkpoi
 #: before the option existed keeps its identity (run directory, MLflow run); any other value is
 #: hashed. MLflow params still list every option. A new option goes here with its neutral value.
 ADDED_OPTIONS: dict[str, dict[str, object]] = {
+    "methods.reflow.Reflow": {"embedding": "dit"},
+    "methods.shortcut.Shortcut": {"embedding": "dit", "sigma_min": 0.0},
     **{
-        f"methods.{module}.{cls}": {"embedding": "dit"}
+        f"methods.{module}.{cls}": {"embedding": "dit", "sigma_min": 0.0}
         for module, cls in (
-            ("reflow", "Reflow"),
+            ("flow_matching", "FlowMatching"),
             ("consistency", "Consistency"),
             ("live_reflow", "LiveReflow"),
         )
     },
-    "methods.shortcut.Shortcut": {"embedding": "dit", "sigma_min": 0.0},
-    "methods.flow_matching.FlowMatching": {"embedding": "dit", "sigma_min": 0.0},
     "methods.progressive_distillation.ProgressiveDistillation": {
         "embedding": "dit",
         "clip": None,

@@ -57,8 +57,8 @@ clip               None (see below)             4.0 on the CD teacher step ``x_{
 label_dropout      0.1 (every method here)      0: real labels in every forward (``CT:29``,
                                                 ``CD:23``, ``CD:27``)
 embedding          ``dit``: 1000 t              ``raw``: t unscaled (``model.py:82-88``)
-sigma_min          0 (no option)                1e-5 (``CT:26-27``, ``CD:21``); the golden
-                                                tests map it out
+sigma_min          0 (exact path)               1e-5 in ``x_t`` and ``x_{t+d}`` (``CT:26-27``,
+                                                ``CD:21``)
 =================  ===========================  ==========================================
 
 Why no clip by default: the official code clips ``x_{t+d}`` to ``[-4, 4]`` but not ``x_t``, so a
@@ -71,7 +71,7 @@ from __future__ import annotations
 
 import hashlib
 import math
-from typing import Literal
+from typing import Annotated, Literal
 
 import torch
 from torch import Tensor, nn
@@ -80,7 +80,7 @@ from bench.budget import Cost
 from bench.data import Batch
 from bench.dit import FLOW_MATCHING_LEVEL
 from bench.guidance import drop_labels, guided_velocity
-from bench.options import Positive, PositiveInt, Probability
+from bench.options import Positive, PositiveInt, Probability, Range
 from methods.base import Embedding, Method, Nets
 from methods.common import Regression, bcast, interpolate, noise
 
@@ -102,6 +102,7 @@ class Consistency(Method):
         label_dropout: Probability = 0.1,
         cfg_scale: float = 1.0,
         seed: int = 0,
+        sigma_min: Annotated[float, Range(0, 1, hi_open=True)] = 0.0,
         embedding: Embedding = "dit",
     ):
         super().__init__()
@@ -129,11 +130,11 @@ class Consistency(Method):
         one = torch.ones_like(t)
         # One label per row for the online, target and teacher forwards (null when dropped).
         y = drop_labels(batch.y, self.label_dropout, nets.online.num_classes)
-        xt = interpolate(x0, x1, t)
+        xt = interpolate(x0, x1, t, self.sigma_min)
         target_net = nets.ema if self.target == "ema" else nets.online
         with torch.no_grad():
             if self.teacher is None:
-                x_next = interpolate(x0, x1, t + d)  # the same noise: the same path
+                x_next = interpolate(x0, x1, t + d, self.sigma_min)  # same noise, same path
             else:
                 v = self.teacher(xt, t, torch.full_like(t, FLOW_MATCHING_LEVEL), y)
                 x_next = xt + d * v

@@ -41,8 +41,9 @@ embedding          ``dit``: 1000 t              ``raw`` (``model.py:82-88``, ``m
 distinct rows      yes                          reflow rows reuse the first flow rows' noise
                                                 and times and drop the last data rows
                                                 (``TL:27``, ``TL:48``, ``TL:53-57``)
-sigma_min          0 (no option)                1e-5 (``TL:20-21``, ``TL:51``); the golden
-                                                tests map it out
+sigma_min          0 (exact path)               1e-5 on both kinds of row's ``x_t`` and the
+                                                flow target (``TL:20-21``, ``TL:51``); the
+                                                reflow target ``x1_hat - z`` keeps none (``TL:45``)
 =================  ===========================  ==========================================
 """
 
@@ -74,6 +75,7 @@ class LiveReflow(Method):
         flow_level_from: Budget = MAX_STEPS,
         label_dropout: Probability = 0.1,
         cfg_scale: float = 1.0,
+        sigma_min: Annotated[float, Range(0, 1, hi_open=True)] = 0.0,
         embedding: Embedding = "dit",
     ):
         super().__init__()
@@ -98,18 +100,18 @@ class LiveReflow(Method):
         gen_net = nets.ema if self.gen_weights == "ema" else nets.online
         x1_hat = self.generate(gen_net, z, y_r) if m else z
         t_r = sample_time(m, self.fm_time, x1.device)
-        xt_r = interpolate(z, x1_hat, t_r)
+        xt_r = interpolate(z, x1_hat, t_r, self.sigma_min)
 
         # Flow-matching rows [m, n): the level-7 token, target x1 - x0, label dropout for CFG.
         t_f = sample_time(n - m, self.fm_time, x1.device)
-        xt_f = interpolate(x0[m:], x1[m:], t_f)
+        xt_f = interpolate(x0[m:], x1[m:], t_f, self.sigma_min)
         y_f = drop_labels(None if y is None else y[m:], self.label_dropout, nets.online.num_classes)
         return Regression(
             xt=torch.cat([xt_r, xt_f]),
             t=torch.cat([t_r, t_f]),
             d=torch.cat([torch.ones_like(t_r), torch.full_like(t_f, FLOW_MATCHING_LEVEL)]),
             y=None if y is None else torch.cat([y_r, y_f]),
-            target=torch.cat([x1_hat - z, x1[m:] - x0[m:]]),
+            target=torch.cat([x1_hat - z, x1[m:] - (1 - self.sigma_min) * x0[m:]]),
             num_consistency=m,
         )
 

@@ -275,6 +275,18 @@ def test_shortcut_sigma_min_is_the_official_path(name, monkeypatch):
     assert_rows_match(got, want, tol=1e-6)
 
 
+@pytest.mark.parametrize("name", ["ct_k3", "cd"])
+def test_consistency_sigma_min_is_the_official_path(name, monkeypatch):
+    """``sigma_min=1e-5``: the official path without mapping the data (CD's residual: README)."""
+    teacher = dict(teacher=cd_teacher(), clip=4.0) if name == "cd" else {}
+    got, want = consistency_run(name, monkeypatch, map_sigma=False, sigma_min=SIGMA_MIN, **teacher)
+    assert_rows_match(got, want)
+
+
+def test_live_reflow_sigma_min_is_the_official_path(monkeypatch):
+    assert_rows_match(*live_reflow_run(monkeypatch, map_sigma=False, sigma_min=SIGMA_MIN))
+
+
 def test_fixtures_exercise_the_clips():
     """The official clips acted where a test relies on them (and nowhere in ``pd_round2``)."""
     for name in ("shortcut_every8", "shortcut_every4"):

@@ -92,6 +92,7 @@ def test_real_vs_real_is_at_the_floor_and_kid_is_zero(case):
     assert real["fd/train/k"] < 3 * floor
     m = ev.metrics(d.test_x, "k")
     assert abs(m["kid/k"]) < 2 * m["kid_std/k"] + 1e-4
+    assert float(ev.table_row(m, "k").split()[0]) > 0.01  # printed, the floor is not 0.00
 
 
 def test_blur_and_noise_ladders_increase_strictly(case):
@@ -215,6 +216,14 @@ def test_clean_fid_code_path_with_a_custom_extractor(tmp_path, digits):
     real = clean_fid.fid(digits.test_x[:200], stats, pooled_features, cpu)
     noise = clean_fid.fid(torch.rand(200, 1, 16, 16) * 2 - 1, stats, pooled_features, cpu)
     assert 0 <= real < noise / 10
+    # Through the suite: FID with its interval, in the printed table.
+    ev = ImageSuite(
+        digits, 200, cpu, fid=True, cache_dir=tmp_path, fid_extractor=pooled_features, resamples=50
+    )
+    m = ev.metrics(digits.test_x[:200], "k")
+    assert 0 <= m["fid/ci95_low/k"] < m["fid/ci95_high/k"]
+    assert "FID" in ev.table_head and "FID [" in ev.interval_row(m, "k")
+    assert len(ev.table_row(m, "k").split()) == len(ev.table_head.split())
 
 
 def test_missing_inception_weights_name_the_file(tmp_path):

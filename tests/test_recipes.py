@@ -308,3 +308,25 @@ def test_official_backbone_options():
     naive.scale = 1 / 8
     torch.testing.assert_close(official_attn(x), naive(x))
     assert not torch.allclose(official_attn(x), attn(x))
+
+
+def test_report_keeps_official_runs_on_their_own_row():
+    """Runs without a recipe tag (made before recipes) count as shared; an official run's method
+    is labelled so the report never averages it with a shared one."""
+    import pandas as pd
+
+    from reports.collect import collect
+
+    df = pd.DataFrame(
+        {
+            "run_id": ["a", "b", "c"],
+            "tags.method": ["shortcut"] * 3,
+            "tags.recipe": [None, "shared", "official"],
+            "status": ["FINISHED"] * 3,
+            "metrics.fd/train/steps_1": [1.0, 2.0, 3.0],
+        }
+    )
+    runs = collect(df).runs.set_index("run_id")
+    assert runs["recipe"].tolist() == ["shared", "shared", "official"]
+    assert runs.loc["a", "method"] == runs.loc["b", "method"] == "shortcut"
+    assert runs.loc["c", "method"] == "shortcut (official recipe)"

@@ -9,7 +9,9 @@ the protocol, not of the sample). Each resample ``b`` with counts ``c_b`` has
 
 where ``tr (S_b S_r)^(1/2) = tr (R S_b R)^(1/2)`` (similar matrices), so each resample costs one
 symmetric eigendecomposition (``eigvalsh``), batched over resamples; the features are extracted
-once.
+once. With fewer samples than dimensions (1,000 Inception features of 2,048 dimensions) the
+eigenvalues come from the n x n Gram form instead (the same nonzero eigenvalues, a smaller
+matrix). ``benchmarks/bootstrap_cost.py`` measures the cost.
 
 **What the interval covers.** The plug-in FD of ``n`` samples is biased upwards (about
 ``tr S / n`` from the mean term alone; the floor of real data is that bias), so a plain percentile
@@ -79,14 +81,25 @@ def resampled_fd(
     counts = rng.multinomial(n, np.full(n, 1.0 / n), size=resamples)
     counts = torch.as_tensor(counts, dtype=torch.float64, device=device)
     out = []
-    step = max(1, chunk_elements // (n * d))  # resamples per chunk: bounded memory at any size
+    dual = n < d  # fewer samples than dimensions: the n x n Gram form has the same eigenvalues
+    gram = gr @ gr.T if dual else None
+    step = max(1, chunk_elements // (n * min(n, d)))  # resamples per chunk: bounded memory
     for c in counts.split(step):
         w = c / n  # (b, n) weights summing to 1
         mu = w @ g  # (b, d)
         mur = w @ gr
-        second = torch.einsum("bn,nd,ne->bde", w, gr, gr)
-        cov_r = (second - mur[:, :, None] * mur[:, None, :]) * (n / (n - 1))  # R S_b R
-        eig = torch.linalg.eigvalsh(cov_r).clamp_min(0)
+        if dual:
+            # R S_b R = Y^T Y n/(n-1), Y = diag(sqrt w) (GR - 1 mur^T); Y Y^T has its nonzero
+            # eigenvalues and needs only the Gram matrix K = GR (GR)^T: k = K w, s = w^T K w.
+            k = w @ gram  # (b, n)
+            s = (k * w).sum(1)
+            centred = gram[None] - k[:, :, None] - k[:, None, :] + s[:, None, None]
+            root = w.sqrt()
+            inner = root[:, :, None] * centred * root[:, None, :] * (n / (n - 1))
+        else:
+            second = torch.einsum("bn,nd,ne->bde", w, gr, gr)
+            inner = (second - mur[:, :, None] * mur[:, None, :]) * (n / (n - 1))  # R S_b R
+        eig = torch.linalg.eigvalsh(inner).clamp_min(0)
         second_raw = w @ g.square().sum(1)  # tr of the raw second moment, per resample
         trace_s = (second_raw - (mu * mu).sum(1)) * (n / (n - 1))  # tr S_b
         fd = (mu - mu_r).square().sum(1) + trace_s + torch.trace(s_r) - 2 * eig.sqrt().sum(1)
