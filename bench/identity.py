@@ -41,8 +41,8 @@ def identity_config(cfg: DictConfig, effective: bool = True) -> dict:
 def fingerprint(root: Path, files: list[Path]) -> str:
     """A content fingerprint of ``files`` under ``root``: SHA-256 over each one's path relative
     to ``root``, size and modification time (ns), in sorted order. One ``stat`` per file and no
-    reading: ~3 s per million files on a local disk, after the loader's own listing (~13 s; ``benchmarks/data_fingerprint.py``). A file
-    added, removed, renamed, resized or rewritten changes it; a copy that does not keep
+    reading: ~3 s per million files on a local disk, after the loader's own listing (~13 s;
+    ``benchmarks/data_fingerprint.py``). A file added, removed, renamed, resized or rewritten changes it; a copy that does not keep
     modification times (``cp`` without ``-p``, ``rsync`` without ``-t``) counts as new data."""
     h = hashlib.sha256()
     cut = len(str(root).rstrip(os.sep)) + 1  # string slicing: Path.relative_to costs ~5 us/file
