@@ -218,7 +218,7 @@ def load_image(path: Path, resolution: int, channels: int) -> Tensor:
             left, top = (w - resolution) // 2, (h - resolution) // 2
             im = im.crop((left, top, left + resolution, top + resolution))
             arr = np.asarray(im, dtype=np.float32)
-    except (UnidentifiedImageError, OSError) as e:
+    except (UnidentifiedImageError, OSError, Image.DecompressionBombError) as e:
         raise UserError(
             f"cannot read image {path} ({e.__class__.__name__}); remove or replace it"
         ) from e
@@ -341,9 +341,32 @@ def latents_meta(folder: Path) -> dict | None:
     if not path.is_file():
         return None
     try:
-        return json.loads(path.read_text())
+        meta = json.loads(path.read_text())
     except (OSError, ValueError) as e:
         raise UserError(f"cannot read {path} ({e}); re-run python -m bench.encode") from e
+    # Written by bench.encode, but read as untrusted: the wrong JSON type, a missing field or a
+    # shard name that leaves the folder ("../..") is one sentence, never a traceback or a read
+    # of a file elsewhere.
+    shards = meta.get("shards", []) if isinstance(meta, dict) else None
+    ok = (
+        isinstance(meta, dict)
+        and isinstance(shards, list)
+        and all(isinstance(n, str) and n and Path(n).name == n and n != ".." for n in shards)
+        and (
+            not meta.get("complete")
+            or (
+                isinstance(meta.get("vae"), str)
+                and isinstance(meta.get("scaling_factor"), int | float)
+                and isinstance(meta.get("resolution"), int)
+            )
+        )
+    )
+    if not ok:
+        raise UserError(
+            f"{path} is not bench.encode's metadata (an object with shards: file names in this "
+            "folder, vae, scaling_factor, resolution); re-run python -m bench.encode or remove it"
+        )
+    return meta
 
 
 #: The format bench.encode writes: a memory-mapped store of posterior moments (bench.store).

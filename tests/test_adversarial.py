@@ -732,3 +732,96 @@ def test_a_failing_tracking_store_during_training_does_not_stop_it(
     assert run.info.status == "FINISHED"
     curve = MlflowClient(mlflow_uri).get_metric_history(run.info.run_id, "train/loss")
     assert sorted(m.step for m in curve) == [2, 4]
+
+
+# -- 7. hostile files the project reads -------------------------------------------------------------
+@pytest.mark.parametrize(
+    "content",
+    [
+        "{not json",
+        "[1, 2]",
+        '"latents"',
+        json.dumps(
+            {"complete": True, "shards": "a.npy", "vae": "v", "scaling_factor": 1, "resolution": 8}
+        ),
+        json.dumps(
+            {
+                "complete": True,
+                "shards": ["../../etc/passwd"],
+                "vae": "v",
+                "scaling_factor": 1,
+                "resolution": 8,
+            }
+        ),
+        json.dumps({"complete": True, "shards": ["a.npy"]}),
+    ],
+    ids=["garbage", "list", "string", "shards-not-a-list", "path-traversal", "fields-missing"],
+)
+def test_a_hostile_latents_json_is_one_sentence(tmp_path, content):
+    import numpy as np
+
+    from bench.data import latents
+
+    np.save(tmp_path / "a.npy", np.zeros((8, 4, 4, 4), np.float32))
+    (tmp_path / "latents.json").write_text(content)
+    with pytest.raises(UserError) as e:
+        latents(str(tmp_path))
+    assert str(tmp_path / "latents.json") in one_sentence(e.value)
+
+
+@pytest.mark.parametrize("kind", ["truncated", "garbage", "decompression-bomb"])
+def test_a_hostile_image_is_one_sentence_naming_it(tmp_path, monkeypatch, kind):
+    from PIL import Image
+
+    from bench.data import image_folder
+
+    write_images(tmp_path, range(3))
+    bad = tmp_path / "0001.png"
+    if kind == "truncated":
+        bad.write_bytes(bad.read_bytes()[:60])
+    elif kind == "garbage":
+        bad.write_bytes(b"this is not an image\n" * 20)
+    else:  # a small file that declares more pixels than PIL agrees to decode
+        monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 16)
+    with pytest.raises(UserError) as e:
+        image_folder(str(tmp_path), resolution=16)
+    assert "cannot read image" in one_sentence(e.value)
+
+
+# -- 8. concurrent starts, for real -----------------------------------------------------------------
+@pytest.mark.slow
+def test_the_same_command_started_twice_at_once_trains_once(tmp_path):
+    """Two real processes, one command: the second exits 2 with one sentence while the first
+    trains; one MLflow run, FINISHED (the issue saw two FINISHED runs for one identity)."""
+    import subprocess
+    import sys
+    import time
+
+    from conftest import ROOT, run_cli
+
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    # Long enough that the first still trains when the second has imported torch (~10 s).
+    args = [*TINY, "train.steps=2000", f"paths.root={tmp_path}", f"tracking.uri={uri}"]
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    first = subprocess.Popen(
+        [sys.executable, "-m", "bench.run", *args],
+        cwd=tmp_path,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        deadline = time.monotonic() + 300
+        while not any(p.read_text() for p in (tmp_path / "runs").glob("*/.job.lock")):
+            assert first.poll() is None and time.monotonic() < deadline, first.stderr.read()
+            time.sleep(0.2)
+        second = run_cli(*args, cwd=tmp_path, env={"OMP_NUM_THREADS": "1"})
+    finally:
+        out, err = first.communicate(timeout=600)
+    assert first.returncode == 0, err[-2000:]
+    assert second.returncode == 2, second.stderr[-2000:]
+    last = second.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: run directory ") and "is in use by another job (pid" in last
+    (run,) = store_runs(uri)
+    assert run.info.status == "FINISHED"
