@@ -210,6 +210,7 @@ def measure_training(cfg, size, v, method_name, batch, shape, device, ctx) -> di
         finite = bool(torch.isfinite(total))  # the one read-back, after the clock stopped
         syncs = host_syncs(step, device)
         ops = profile(step, device) if ctx["profile"] else None
+        fed = data_wait(trainer, batch, shape, cfg.num_classes, device, ctx["iters"])
     fe = float(method.cost().per_sample)
     flops = 2 * net.gflops() * 1e9 * fe * batch  # multiply-adds x 2
     ms = seconds / ctx["iters"] * 1e3
@@ -230,8 +231,39 @@ def measure_training(cfg, size, v, method_name, batch, shape, device, ctx) -> di
         "mfu": flops / (ms / 1e3) / (peak * 1e12) if peak else None,
         "peak_mem_gib": peak_memory_gib(device),
         "host_syncs_per_step": syncs,
+        **fed,
         "profile": ops,
     }
+
+
+def data_wait(trainer: Trainer, batch: int, shape, num_classes: int, device, iters: int) -> dict:
+    """The same step fed by the input pipeline (bench.loader: a memory-mapped latent store of
+    ``4 x batch`` random rows, a posterior draw and a mirror per row, pinned and prefetched one
+    step ahead on a GPU): ms/step and the ms a step waited for its batch."""
+    import time
+
+    from bench.data import latents
+    from bench.loader import Loader
+    from bench.store import synthetic_latents
+
+    def sync(device) -> None:
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+
+    with tempfile.TemporaryDirectory() as folder:
+        synthetic_latents(Path(folder), 4 * batch + 1, tuple(shape), classes=num_classes)
+        trainer.data = latents(folder, test_fraction=0.0, flip=True, posterior="sample")
+        trainer.loader = Loader(trainer.loader.make, device)
+        trainer.train_step()  # the first batch is made on demand: not a steady-state wait
+        trainer.loader.wait_s = 0.0
+        sync(device)
+        tick = time.perf_counter()
+        for _ in range(iters):
+            trainer.train_step()
+        sync(device)
+        ms = (time.perf_counter() - tick) / iters * 1e3
+        trainer.loader.close()
+    return {"ms_per_step_fed": ms, "data_wait_ms_per_step": trainer.loader.wait_s / iters * 1e3}
 
 
 def measure_sampling(cfg, size, v, batch, shape, device) -> list[dict]:
