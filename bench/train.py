@@ -33,6 +33,7 @@ from bench import distributed as ddp
 from bench.data import Batch, Dataset
 from bench.ema import EMA
 from bench.errors import UserError
+from bench.loader import Loader
 from bench.preemption import Preempted, Preemption
 from bench.rng import step_key
 from methods.base import Method, Nets, StageContext
@@ -124,6 +125,13 @@ class Trainer:
         # Called as hook(step, nets) after each step, before its checkpoint, on every process
         # (bench.curves: evaluation during training).
         self.hooks: list = []
+        # Micro-batches by global number (step * parts + part); on a GPU the next one is made
+        # in the background while this step runs (bench.loader).
+        parts = world.size * int(cfg.get("grad_accum", 1))
+        self.loader = Loader(
+            lambda key: self.data.batch(cfg.batch_size // parts, cfg.seed, key, self.conditional),
+            device,
+        )
         method.bind(self.context())
 
     def stage_of(self, step: int) -> int:
@@ -218,8 +226,14 @@ class Trainer:
             part = world.rank * accum + micro
             torch.manual_seed(step_key(cfg.seed, self.step, part))
             if batch is None:
-                batch_of = cfg.batch_size // parts, cfg.seed, self.step * parts + part
-                rows = self.data.batch(*batch_of, self.conditional).to(self.device)
+                key = self.step * parts + part
+                # This process's next micro-batch: the next part, or the next step's first.
+                after = (
+                    key + 1 if micro < accum - 1 else (self.step + 1) * parts + world.rank * accum
+                )
+                rows = self.loader.get(
+                    key, after if self.step + 1 < cfg.steps or micro < accum - 1 else None
+                )
             else:
                 rows = batch
             # DDP all-reduces during the last micro-batch's backward only.

@@ -223,3 +223,20 @@ def test_host_memory_does_not_grow_with_the_rows_of_a_store(tmp_path):
     )
     assert memory_growth > added, (memory_growth, added)
     assert store_growth < 0.1 * added, (store_growth, added)
+
+
+def test_prefetching_loader_gives_the_batches_made_on_demand(store):
+    """The background thread makes exactly the micro-batch its key names (bench.loader); a key
+    that was not the one prefetched (a resume) is made on demand."""
+    from bench.loader import Loader
+
+    ds = data.latents(str(store), test_fraction=0.1, flip=True, posterior="sample")
+    make = lambda key: ds.batch(16, 3, key, conditional=True)  # noqa: E731
+    loader = Loader(make, torch.device("cpu"), prefetch=True)
+    try:
+        for key, after in ((0, 1), (1, 2), (2, 3), (7, 8), (8, None)):
+            got = loader.get(key, after)
+            assert torch.equal(got.x1, make(key).x1) and torch.equal(got.y, make(key).y)
+        assert loader.batches == 5 and loader.wait_s > 0 and not loader.pending
+    finally:
+        loader.close()
