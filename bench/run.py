@@ -24,6 +24,7 @@ import hydra
 from omegaconf import DictConfig
 
 from bench import distributed as ddp
+from bench import plan
 from bench.budget import training_budget
 from bench.build import (
     CONFIG_DIR,
@@ -87,6 +88,7 @@ def job(
     bench.distributed) every process trains; rank 0 alone records and evaluates."""
     apply_compute_budget(cfg)  # before the identity: the derived steps are part of it
     parts = prepare(cfg, world)
+    estimate = plan.guard(cfg, parts.device, parts.data)  # a CPU job over an hour stops here
     if not world.main:
         ddp.main_ready(world)  # rank 0 has opened the run (or failed to)
         train(cfg, parts, None, preemption, world)
@@ -96,6 +98,7 @@ def job(
     try:
         evaluator = make_evaluator(cfg, parts.data, parts.device, parts.conditional)
         record.open(cfg, parts.net.name, parts.device, world)
+        record.tags(plan.tags(estimate))
     except BaseException:
         ddp.main_ready(world, failed=True)
         raise
@@ -197,6 +200,7 @@ def cli() -> None:
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(EXIT_USER_ERROR)
+    sys.argv = plan.argv(sys.argv)  # plan=true: the same sweep, planned, not launched
     main()
 
 
