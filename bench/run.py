@@ -29,6 +29,7 @@ from omegaconf import DictConfig
 
 from bench import checkpoint, schema, shard
 from bench import distributed as ddp
+from bench import plan
 from bench.budget import training_budget
 from bench.build import (
     CONFIG_DIR,
@@ -128,6 +129,7 @@ def job(
     pin_data(cfg)  # the data's content is part of the identity (bench/identity.py)
     apply_compute_budget(cfg)  # before the identity: the derived steps are part of it
     parts = prepare(cfg, world)
+    estimate = plan.guard(cfg, parts.device, parts.data)  # a CPU job over an hour stops here
     if not world.main:
         ddp.main_ready(world)  # rank 0 has opened the run (or failed to)
         trainer = train(cfg, parts, None, preemption, world)
@@ -154,6 +156,7 @@ def job(
             if preemption is not None:  # a signal so far: stop before a run is even opened
                 preemption.check(None, "no run was opened")
             record.open(cfg, parts.net.name, parts.device, world)
+            record.tags(plan.tags(estimate))
         except BaseException:
             ddp.main_ready(world, failed=True)
             raise
@@ -281,6 +284,7 @@ def cli() -> None:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(EXIT_USER_ERROR)
     sys.argv[1:] = hide_secrets(sys.argv[1:])  # before Hydra writes its own copy of them
+    sys.argv = plan.argv(sys.argv)  # plan=true: the same sweep, planned, not launched
     main()
 
 

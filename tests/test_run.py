@@ -41,6 +41,7 @@ def test_a_job_trains_evaluates_and_logs_everything(compose, mlflow_uri, tmp_pat
     assert run["status"] == "FINISHED"
     assert run["params.method.k_ratio"] == "0.25" and run["params.size.name"] == "tiny/4"
     assert run["tags.method"] == "shortcut" and run["tags.eval.num_samples"] == "32"
+    assert float(run["tags.plan/est_wall_s"]) > 0 and run["tags.plan/source"]  # bench/plan.py
     for steps in (1, 2, 128):
         assert run[f"metrics.fd/train/steps_{steps}"] > 0
         assert run[f"metrics.nfe/steps_{steps}"] == steps

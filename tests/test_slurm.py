@@ -167,7 +167,8 @@ def test_the_launcher_presets_compose_and_are_accepted_names(tmp_path):
 
     cfg = hydra_cfg(tmp_path, "hydra/launcher=slurm", "hydra.launcher.cpus_per_task=2")
     launcher = cfg.hydra.launcher
-    assert launcher._target_.endswith("submitit_launcher.SlurmLauncher")
+    # the plugin's SLURM launcher, its request sized per job (bench/plan.py; tests/test_plan.py)
+    assert launcher._target_ == "hydra_plugins.fewstep_bench.launchers.PlannedSlurmLauncher"
     assert launcher.nodes == 1 and launcher.tasks_per_node == 1 and launcher.gpus_per_node is None
     assert launcher.max_num_timeout > 0 and launcher.signal_delay_s > 0
     # submitit's files go under paths.root, beside Hydra's job folders
@@ -228,6 +229,41 @@ def test_a_two_point_sweep_on_slurm_matches_the_same_sweep_run_locally(slurm, tm
         assert sa["step"] == sb["step"] == 4
         for part in ("net", "ema"):
             assert all(torch.equal(sa[part][k], sb[part][k]) for k in sa[part]), part
+
+
+@pytest.mark.slow
+def test_jobs_of_different_sizes_ask_slurm_for_different_time_limits(slurm, tmp_path):
+    """`size=tiny,S` with a large planning margin: each job's request comes from its own plan
+    (bench/plan.py), so the two jobs go out as two job arrays whose sbatch scripts ask for
+    different time limits; both complete, and the plan prints the same requests."""
+    margin = ["planning.slurm.margin=60", "planning.slurm.extra_min=1"]
+    sizes = ["-m", "method=flow_matching", "size=tiny,S", *TOY, *margin, "hydra/launcher=slurm"]
+    root = tmp_path / "sized"
+    planned = subprocess.run(
+        [sys.executable, "-m", "bench.run", *sizes, "plan=true", f"paths.root={root}"],
+        capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(ROOT)}, timeout=300,
+    )  # fmt: skip
+    assert planned.returncode == 0, planned.stderr[-3000:]
+    asked = re.findall(r"--time=(\d+)", planned.stdout)
+    assert len(asked) == 2 and asked[0] != asked[1], planned.stdout
+    store = [f"paths.root={root}", f"tracking.uri=sqlite:///{root}/m.db"]
+    with open(tmp_path / "sweep.out", "w") as out, open(tmp_path / "sweep.err", "w") as err:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "bench.run", *sizes, *store], cwd=tmp_path, stdout=out,
+            stderr=err, env={**os.environ, "PYTHONPATH": str(ROOT), **ONE_THREAD},
+        )  # fmt: skip
+    try:
+        assert proc.wait(timeout=600) == 0, (tmp_path / "sweep.err").read_text()[-4000:]
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            subprocess.run(["scancel", *(p.name for p in job_folders(root))], check=False)
+    folders = job_folders(root)
+    assert len({p.name.split("_")[0] for p in folders}) == 2  # one array per distinct request
+    scripts = [f.read_text() for f in root.glob("hydra/multirun_*/.submitit/*/*_submission.sh")]
+    times = sorted({m for s in scripts for m in re.findall(r"#SBATCH --time=(\d+)", s)}, key=int)
+    assert times == sorted(asked, key=int), (times, asked)
+    assert set(final_states([p.name for p in folders]).values()) == {"COMPLETED"}
 
 
 # -- requeue: the job resumes its run --------------------------------------------------------------

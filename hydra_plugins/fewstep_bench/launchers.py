@@ -1,0 +1,126 @@
+"""Hydra launchers that know what each job costs (``bench.plan``).
+
+``PlanLauncher`` is what ``plan=true`` launches with (``bench.run.cli`` puts it in place of the
+chosen launcher's ``_target_``, keeping that launcher's settings): Hydra's sweeper expands the
+command exactly as it would for a real launch (comma lists, ``hydra.sweeper.params`` of an
+experiment), and instead of starting the jobs the launcher composes each job's config, plans it and
+prints the plan -- with the SLURM request of each job under ``hydra/launcher=slurm``.
+
+``PlannedSlurmLauncher`` (``sweeps/hydra/launcher/slurm.yaml``) is hydra-submitit-launcher's SLURM
+launcher whose request is sized per job: the preset's ``${plan:...}`` values are resolved in each
+job's own config, jobs asking for the same resources share one job array, and every array is
+submitted before any is waited for. Each job is the plugin's own callable, so requeueing on a time
+limit or preemption (submitit's ``checkpoint``) works as before.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from hydra.core.singleton import Singleton
+from hydra.core.utils import JobReturn, JobStatus, filter_overrides
+from hydra.plugins.launcher import Launcher
+from hydra_plugins.hydra_submitit_launcher.config import BaseQueueConf
+from hydra_plugins.hydra_submitit_launcher.submitit_launcher import SlurmLauncher
+from omegaconf import OmegaConf
+
+from bench import plan
+from bench.errors import EXIT_USER_ERROR, UserError
+
+#: the launcher settings a plan sizes per job (the rest are the preset's, the same for all)
+SIZED = ("gpus_per_node", "tasks_per_node", "timeout_min", "mem_gb")
+SLURM_PRESETS = ("slurm", "submitit_slurm")
+
+
+def job_configs(launcher, job_overrides: Sequence[Sequence[str]]):
+    """Each job's composed config, as the job itself will see it."""
+    load = launcher.hydra_context.config_loader.load_sweep_config
+    return [load(launcher.config, list(o)) for o in job_overrides]
+
+
+class PlanLauncher(Launcher):
+    """Prints the plan of the sweep's jobs; launches nothing (module docstring)."""
+
+    def __init__(self, **params) -> None:
+        self.params = params
+
+    def setup(self, *, hydra_context, task_function, config) -> None:
+        self.hydra_context, self.task_function, self.config = hydra_context, task_function, config
+
+    def launch(self, job_overrides: Sequence[Sequence[str]], initial_job_idx: int):
+        choices = self.config.hydra.runtime.choices
+        launcher = str(choices.get("hydra/launcher") or "local")
+        try:
+            if str(choices.get("hydra/sweeper") or "basic") != "basic":
+                raise UserError(
+                    f"plan=true cannot list the jobs of hydra/sweeper={choices['hydra/sweeper']}: "
+                    "they depend on the results of earlier jobs; plan the search space's "
+                    "corners with the basic sweeper instead"
+                )
+            cfgs = job_configs(self, job_overrides)
+            # the SLURM request as the preset resolves it in each job (its ${plan:...} values)
+            requests = [request(c) for c in cfgs] if launcher in SLURM_PRESETS else None
+            plans = plan.plan_sweep(cfgs, requests)
+        except UserError as e:
+            print(f"error: {e}", file=sys.stderr, flush=True)
+            sys.exit(EXIT_USER_ERROR)
+        print(plan.render(plans, len(cfgs), launcher, bool(cfgs[0].get("allow_long_cpu"))))
+        return [
+            JobReturn(
+                overrides=list(o), cfg=c, hydra_cfg=self.config, working_dir=".",
+                task_name="plan", status=JobStatus.COMPLETED, _return_value=None,
+            )
+            for o, c in zip(job_overrides, cfgs, strict=True)
+        ]  # fmt: skip
+
+
+def request(cfg) -> dict:
+    """The sized launcher settings of one job, resolved in that job's config."""
+    return {k: OmegaConf.select(cfg, f"hydra.launcher.{k}") for k in SIZED}
+
+
+class PlannedSlurmLauncher(SlurmLauncher):
+    """hydra-submitit-launcher's SLURM launcher with requests sized per job (module docstring)."""
+
+    def executor(self, sized: dict):
+        """The plugin's executor set-up, with this group's sized settings."""
+        import submitit
+
+        params = {**self.params, **sized}
+        init = {
+            "folder": params["submitit_folder"],
+            "slurm_max_num_timeout": params["max_num_timeout"],
+        }
+        executor = submitit.AutoExecutor(cluster="slurm", **init)
+        base = set(OmegaConf.structured(BaseQueueConf).keys())
+        skip = {"submitit_folder", "max_num_timeout"}
+        executor.update_parameters(
+            **{k if k in base else f"slurm_{k}": v for k, v in params.items() if k not in skip}
+        )
+        return executor
+
+    def launch(self, job_overrides: Sequence[Sequence[str]], initial_job_idx: int):
+        assert self.config is not None
+        sweep_dir = Path(str(self.config.hydra.sweep.dir))
+        sweep_dir.mkdir(parents=True, exist_ok=True)
+        groups: dict[tuple, list[int]] = {}
+        for i, cfg in enumerate(job_configs(self, job_overrides)):
+            groups.setdefault(tuple(request(cfg).items()), []).append(i)
+        submitted = {}
+        for sized, members in groups.items():
+            params = [
+                (list(job_overrides[i]), "hydra.sweep.dir", initial_job_idx + i,
+                 f"job_id_for_{initial_job_idx + i}", Singleton.get_state())
+                for i in members
+            ]  # fmt: skip
+            for i in members:
+                print(
+                    f"\t#{initial_job_idx + i} : {' '.join(filter_overrides(job_overrides[i]))} "
+                    f"(SLURM: {', '.join(f'{k}={v}' for k, v in sized)})",
+                    flush=True,
+                )
+            jobs = self.executor(dict(sized)).map_array(self, *zip(*params, strict=True))
+            submitted.update(zip(members, jobs, strict=True))
+        return [submitted[i].results()[0] for i in range(len(job_overrides))]

@@ -1,0 +1,192 @@
+"""What a sweep costs before it runs (bench/plan.py, ``plan=true``) and the CPU guard.
+
+Estimates are checked against the FLOP table and against a hand-made bench.perf record, never
+against a clock. The SLURM sizing on a real cluster is in tests/test_slurm.py.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+from conftest import run_cli
+from test_dit import PAPER
+
+from bench import plan
+from bench.errors import UserError
+from bench.identity import run_dir
+
+QUICK = ["eval=smoke", "eval.num_samples=16"]
+
+
+def no_records(tmp_path: Path) -> str:
+    (tmp_path / "records").mkdir(exist_ok=True)
+    return f"planning.records={tmp_path / 'records'}"
+
+
+def test_a_mixed_sweep_names_the_shared_teacher_once_and_the_finished_runs(tmp_path):
+    """Progressive distillation's flow-matching teacher (one per size) is also a job of the sweep:
+    one run, listed once, before the job that trains it; reflow trains its own stage 1; the
+    finished shortcut run at tiny is reused, by identity; nothing is trained."""
+    from hydra import compose, initialize_config_dir
+
+    from bench.build import CONFIG_DIR
+
+    common = [f"paths.root={tmp_path}", no_records(tmp_path)]
+    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
+        done = run_dir(compose("config", overrides=["method=shortcut", *common]))
+    done.mkdir(parents=True)
+    (done / "state.json").write_text(json.dumps({"status": "finished"}))
+
+    got = run_cli(
+        "-m",
+        "method=progressive_distillation,reflow,shortcut,flow_matching",
+        "size=tiny,XL",
+        "plan=true",
+        *common,
+        cwd=tmp_path,
+    )
+    assert got.returncode == 0, got.stderr[-3000:]
+    lines = got.stdout.strip().splitlines()
+    assert lines[0].startswith("plan: 8 job(s) on cpu")
+    runs = [ln for ln in lines if ln.startswith("[")]
+    assert len(runs) == 8 and lines[-1].startswith("total: ")  # the 2 teachers are 2 of the jobs
+    teachers = [ln for ln in runs if "] teacher flow_matching" in ln]
+    assert len(teachers) == 2 and not [ln for ln in runs if "] job     flow_matching" in ln]
+    for size in ("tiny_4", "XL_2"):
+        (t,) = [ln for ln in teachers if f"-{size}-" in ln]
+        assert "also a job of this sweep (one run)" in t
+        name = t.split("(")[1].split(")")[0]
+        (user,) = [ln for ln in runs if f"teacher {name}" in ln]
+        assert "progressive_distillation" in user and runs.index(t) < runs.index(user)
+        assert sum(name in ln for ln in runs) == 2  # its own line and its student's
+    (reused,) = [ln for ln in runs if f"({done.name})" in ln]
+    assert "REUSE the finished run" in reused
+    for ln in runs:
+        assert "assumed: " in ln and "utilisation" in ln  # no record: says it is assumed
+    assert "STOPS on a CPU" in next(ln for ln in runs if "shortcut XL/2" in ln)
+    assert "STOPS" not in next(ln for ln in runs if "shortcut tiny/4" in ln)
+    assert not list(tmp_path.glob("runs/*/checkpoint.pt"))  # nothing trained
+
+
+def stub_data(shape=(4, 32, 32)):
+    return SimpleNamespace(shape=shape, num_classes=0, train_x=None, test_x=None)
+
+
+def test_estimates_scale_with_size_as_the_flop_table_says(compose, tmp_path):
+    from bench.dit import dit
+
+    dev = plan.device("H100")
+    est = {}
+    for size in ("S", "B", "L", "XL"):
+        cfg = compose(
+            f"size={size}", "method=flow_matching", "train=paper", f"paths.root={tmp_path}"
+        )
+        (p,) = plan.plan_job(cfg, dev, [], data=stub_data())
+        est[size] = p
+    net = {s: dit(s, (4, 32, 32)) for s in est}
+    for size, p in est.items():
+        ratio = net[size].gflops() / net["S"].gflops()
+        assert p.train_flops / est["S"].train_flops == pytest.approx(ratio)
+        assert p.train_s / est["S"].train_s == pytest.approx(ratio)
+        assert p.eval_s / est["S"].eval_s == pytest.approx(ratio)
+        # the DiT paper's table (Gflops on 32x32x4), within what DiT.gflops adds (the d embedder)
+        assert ratio == pytest.approx(PAPER[size][1] / PAPER["S"][1], rel=0.01)
+    # flow matching: 3 forward-equivalents per row; FLOPs = 2 x multiply-adds
+    xl = est["XL"]
+    assert xl.train_flops == pytest.approx(2 * net["XL"].gflops() * 1e9 * 3 * 410_000 * 64)
+    assert xl.train_s == pytest.approx(xl.train_flops / (989e12 * 0.4))
+    assert est["S"].peak_mem_gb < xl.peak_mem_gb < 80
+
+
+def test_a_bench_perf_record_of_the_same_network_is_used_and_named(compose, tmp_path):
+    from bench.build import network
+    from bench.data import digits16
+
+    cfg = compose("method=shortcut", f"paths.root={tmp_path}")
+    data = digits16()
+    with torch.device("meta"):
+        net = network(cfg, data, False, {"d_embedding": "level", "t_scale": 1000.0})
+    gflops = net.gflops()
+    record = {
+        "protocol": {"device_kind": "cpu", "device_name": "x", "started": "2026-01-01 00:00 UTC"},
+        "variants": [{"name": "fast", "attention": "sdpa", "precision": "fp32", "compile": None,
+                      "grad_checkpoint": False}],
+        "train": [{"size": "tiny", "variant": "fast", "method": "shortcut", "status": "ok",
+                   "batch": 64, "ms_per_step": 70.0, "dit_gflops_per_sample": gflops,
+                   "forward_equivalents_per_sample": 3.5}],
+        "sampling": [],
+    }  # fmt: skip
+    folder = tmp_path / "records"
+    folder.mkdir()
+    (folder / "cpu-20260101-000000.json").write_text(json.dumps(record))
+    (p,) = plan.plan_job(cfg, plan.device("cpu"), plan.records(folder))
+    assert p.source.startswith("measured: cpu-20260101-000000.json, tiny fast shortcut at batch 64")
+    assert p.train_s == pytest.approx(1000 * 70e-3 * 128 / 64)  # 1000 steps, batch 128 vs 64
+    record["train"][0]["noisy"] = True  # a row flagged too noisy is never used
+    (folder / "cpu-20260101-000000.json").write_text(json.dumps(record))
+    (p,) = plan.plan_job(cfg, plan.device("cpu"), plan.records(folder))
+    assert p.source.startswith("assumed: ")
+
+
+def test_the_cpu_guard_stops_xl_and_not_the_default(compose, tmp_path):
+    cpu = torch.device("cpu")
+    default = plan.guard(compose(f"paths.root={tmp_path}"), cpu)
+    assert default is not None and default.wall_s < plan.CPU_LIMIT_S
+    xl = compose("size=XL", f"paths.root={tmp_path}", no_records(tmp_path))
+    with pytest.raises(UserError, match=r"over an hour: add allow_long_cpu=true to proceed"):
+        plan.guard(xl, cpu)
+    ok = compose("size=XL", "allow_long_cpu=true", f"paths.root={tmp_path}")
+    assert plan.guard(ok, cpu).wall_s > plan.CPU_LIMIT_S
+    assert plan.tags(default)["plan/est_wall_s"] == f"{default.wall_s:.1f}"
+
+
+@pytest.mark.slow
+def test_an_xl_job_on_the_cpu_stops_in_one_sentence_before_any_run_exists(tmp_path):
+    got = run_cli(
+        "size=XL", f"paths.root={tmp_path}", f"tracking.uri=sqlite:///{tmp_path}/m.db",
+        no_records(tmp_path), *QUICK, cwd=tmp_path,
+    )  # fmt: skip
+    assert got.returncode == 2
+    (line,) = got.stderr.strip().splitlines()
+    assert line.startswith(
+        "error: this job (shortcut XL/2 on digits16, 1000 steps) is estimated at"
+    )
+    assert line.endswith("add allow_long_cpu=true to proceed, or plan=true to see the plan")
+    assert not (tmp_path / "runs").exists() or not list((tmp_path / "runs").iterdir())
+
+
+def test_plan_argv_turns_any_command_into_a_planned_multirun():
+    assert plan.argv(["run", "size=XL"]) == ["run", "size=XL"]
+    single = plan.argv(["run", "size=XL", "plan=true"])
+    assert single[:3] == ["run", "size=XL", "plan=true"] and "-m" in single
+    assert "hydra.launcher._target_=hydra_plugins.fewstep_bench.launchers.PlanLauncher" in single
+    assert plan.argv(["run", "-m", "size=S,B", "plan=true"]).count("-m") == 1
+
+
+def test_the_slurm_request_is_sized_per_job(tmp_path):
+    from hydra import compose, initialize_config_dir
+
+    from bench.build import CONFIG_DIR
+
+    def request(*overrides):
+        with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
+            cfg = compose(
+                "config",
+                overrides=["hydra/launcher=slurm", f"paths.root={tmp_path}", *overrides],
+                return_hydra_config=True,
+            )
+        return {k: cfg.hydra.launcher[k] for k in ("gpus_per_node", "timeout_min", "mem_gb")}
+
+    cpu_tiny = request("size=tiny", "train.steps=4", *QUICK)
+    assert cpu_tiny["gpus_per_node"] is None and cpu_tiny["timeout_min"] >= 10
+    s = request("size=S", "train=paper", "planning.device=H100")
+    xl = request("size=XL", "train=paper", "planning.device=H100")
+    assert s["gpus_per_node"] == xl["gpus_per_node"] == 1
+    assert xl["timeout_min"] > s["timeout_min"] and xl["mem_gb"] >= s["mem_gb"]
+    assert xl["timeout_min"] <= 2880  # capped: a longer job is requeued from its checkpoint
+    fixed = request("size=XL", "planning.slurm.size=false")
+    assert fixed == {"gpus_per_node": None, "timeout_min": 240, "mem_gb": 4}
