@@ -101,10 +101,21 @@ def build(cfg: DictConfig):
             f"{data.name} holds {data.shape[0]}-d points; use size=mlp (DiT sizes are for images)"
         )
     # How the method embeds d and t (MeanFlow: linear, 1.0) decides how the network is built.
-    embedding = {"d_embedding": method.d_embedding, "t_scale": float(method.t_scale)}
+    embedding = method_embedding(method)
     net = network(cfg, data, conditional, embedding)
     accel.prepare_model(net, cfg.train)  # train.grad_checkpoint, train.compile
     return data, net, method, conditional
+
+
+def method_embedding(method) -> dict:
+    """How ``method`` asks the network to embed ``t`` and ``d`` (``d_embedding``, ``t_scale``,
+    ``d_scale``; ``d_scale`` None: the network's default for its ``d_embedding``)."""
+    d_scale = getattr(method, "d_scale", None)
+    return {
+        "d_embedding": method.d_embedding,
+        "t_scale": float(method.t_scale),
+        "d_scale": None if d_scale is None else float(d_scale),
+    }
 
 
 def network(cfg: DictConfig, data, conditional: bool, embedding: dict) -> torch.nn.Module:
@@ -121,7 +132,11 @@ def network(cfg: DictConfig, data, conditional: bool, embedding: dict) -> torch.
 def embedding_of(net: torch.nn.Module) -> dict:
     """How ``net`` embeds ``t`` and ``d``; checkpoints record it so a teacher is rebuilt as its
     own run built it, whatever the student embeds."""
-    return {"d_embedding": net.d_embedding, "t_scale": float(net.t_embed.scale)}
+    return {
+        "d_embedding": net.d_embedding,
+        "t_scale": float(net.t_embed.scale),
+        "d_scale": float(net.d_embed.scale),
+    }
 
 
 @dataclass
@@ -143,14 +158,30 @@ def prepare(cfg: DictConfig, world: ddp.World = ddp.SINGLE) -> Parts:
     return Parts(data, net.to(device), method.to(device), conditional, device)
 
 
-def make_evaluator(cfg: DictConfig, data, device: torch.device, conditional: bool):
+def make_evaluator(
+    cfg: DictConfig, data, device: torch.device, conditional: bool, world=ddp.SINGLE
+):
     """The evaluator of ``cfg.eval`` and its data kind's metric suite. Built before anything is
     trained or logged: a bad evaluation setting (missing Inception weights, FID on latents
-    without a decoder) fails first, and costs nothing."""
+    without a decoder) fails first, and costs nothing. Under DDP every process samples its share
+    (bench.shard); only rank 0 builds the suite that computes the metrics."""
     from bench.evaluate import Evaluator
     from bench.metrics.suites import suite_for
 
     e = cfg.eval
+    if not world.main:  # samples its share of every budget rank 0 announces; no metrics
+        return Evaluator(
+            None,
+            data,
+            e.num_samples,
+            e.seed,
+            e.batch_size,
+            device,
+            conditional,
+            budgets=tuple(e.budgets),
+            weights=e.weights,
+            world=world,
+        )
     cache = e.get("cache_dir") or (
         Path(cfg.data.path) / ".fewstep-stats"
         if cfg.data.get("path")
@@ -163,6 +194,7 @@ def make_evaluator(cfg: DictConfig, data, device: torch.device, conditional: boo
         device,
         fid=e.get("fid", False),
         features=e.get("features", "auto"),
+        resamples=e.get("bootstrap", 200),
         inception_dir=e.get("inception_dir"),
         cache_dir=cache,
         decoder=make(e.decoder).to(device).eval() if e.get("decoder") else None,
@@ -180,6 +212,7 @@ def make_evaluator(cfg: DictConfig, data, device: torch.device, conditional: boo
         grids=e.grids,
         save_samples=e.save_samples,
         interpolation=e.interpolation,
+        world=world,
     )
 
 

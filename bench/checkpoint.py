@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import pickle
+import shutil
 import socket
 import zipfile
 from pathlib import Path
@@ -21,17 +22,38 @@ from bench.errors import UserError
 
 
 def save(path: Path, state: dict) -> None:
+    """Write ``state`` to ``path`` atomically. A write that fails (a full disk, a quota, a
+    vanished mount) removes its temporary file, keeps the previous checkpoint and is one sentence
+    naming the path: the run resumes from the previous checkpoint once there is room."""
     path = Path(path)
     tmp = path.with_name(f".{path.name}.{socket.gethostname()}.{os.getpid()}.tmp")
-    torch.save(state, tmp)
-    with open(tmp, "rb+") as f:
-        os.fsync(f.fileno())
+    try:
+        torch.save(state, tmp)  # a failed write is an OSError, or torch's RuntimeError around it
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+    except (OSError, RuntimeError) as e:
+        tmp.unlink(missing_ok=True)
+        raise UserError(
+            f"cannot write checkpoint {path} ({write_error(e, path.parent)}); the temporary file "
+            "is removed and the previous checkpoint kept: free space (or fix the folder), then "
+            "run the same command again to resume"
+        ) from e
     os.replace(tmp, path)  # atomic: readers see the old checkpoint or the new one, never half
     dir_fd = os.open(path.parent, os.O_RDONLY)
     try:  # make the rename itself durable, so a node crash cannot undo it
         os.fsync(dir_fd)
     finally:
         os.close(dir_fd)
+
+
+def write_error(e: BaseException, folder: Path) -> str:
+    """Why a write into ``folder`` failed, in a few words, with the room left on its disk."""
+    reason = e.strerror if isinstance(e, OSError) and e.strerror else str(e).splitlines()[0][:120]
+    try:
+        free = shutil.disk_usage(folder).free
+        return f"{reason}; {free / 2**20:.0f} MiB free on the disk holding {folder}"
+    except OSError:
+        return reason
 
 
 def _alive(pid: int) -> bool:

@@ -8,9 +8,15 @@ Datasets (docs/evaluation.md has the measured facts):
 * ``digits16``  sklearn's 8x8 digits, /16, bilinear to 16x16, stratified 1347/450 split, 10 labels.
 * ``shapes16``  procedural anti-aliased disks, squares and triangles in colour on black, 3 labels.
 * ``toy2d``     8gaussians, moons, checkerboard (2-D points).
-* ``image_folder``  a user's folder of images; class sub-folders become labels.
-* ``latents``   precomputed VAE latents in ``.npy`` / ``.npz`` shards (e.g. 32x32x4 for 256px);
-  ``python -m bench.encode`` writes them with a ``latents.json`` naming the VAE that decodes them.
+* ``image_folder``  a user's folder of images; class sub-folders become labels. Packed once into
+  a uint8 memory-mapped store (``bench.store``), read a batch at a time.
+* ``latents``   VAE latents: a memory-mapped store of posterior moments and their mirrors written
+  by ``python -m bench.encode`` (``latents.json`` names the VAE that decodes them), or older
+  ``.npy`` / ``.npz`` shards, read whole into memory.
+
+``data.flip`` mirrors each training row left-right with probability 1/2 (pixels; a latent store
+takes the moments of the mirrored image). Augmentation draws come after the rows' draw from the
+same generator, so without them a batch is exactly the batch of earlier versions.
 """
 
 from __future__ import annotations
@@ -27,8 +33,23 @@ from torch import Tensor
 
 from bench import rng
 from bench.errors import UserError
-
-IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
+from bench.store import (
+    IMAGE_SUFFIXES,
+    MOMENTS,
+    LatentMoments,
+    Rows,
+    as_float,
+    as_long,
+    check_posterior,
+    default_store_dir,
+    every_kth,
+    from_uint8,
+    images_in,
+    mirror,
+    open_fields,
+    pack_images,
+    source_listing,
+)
 
 
 @dataclass
@@ -72,17 +93,26 @@ class Dataset:
     num_classes: int = 0
     kind: str = "image"  # "image" | "latent" | "points"
     latent: LatentInfo | None = None
+    fingerprint: str = ""  # of the files it was read from (bench.identity.pin_data); "" if none
+    flip: bool = False  # mirror each training row left-right with probability 1/2
+    moments: LatentMoments | None = None  # a latent store: rows are drawn from these
 
     @property
     def shape(self) -> tuple[int, ...]:
         return tuple(self.train_x.shape[1:])
 
     def batch(self, batch_size: int, seed: int, step: int, conditional: bool = True) -> Batch:
-        """The batch for optimizer step ``step``: i.i.d. indices from a (seed, step) generator."""
+        """The batch of micro-batch ``step``: i.i.d. indices from a (seed, step) generator, then
+        (``flip``) one mirror coin per row, then (a latent store sampling its posterior) one
+        standard normal per element, all from that generator: row ``i`` of the batch always gets
+        the ``i``-th draw of each, whoever computes the batch."""
         g = rng.generator(rng.stream_key(seed, step))
         idx = torch.randint(len(self.train_x), (batch_size,), generator=g)
         y = self.train_y[idx] if conditional and self.train_y is not None else None
-        return Batch(torch.as_tensor(self.train_x[idx]).float(), y)
+        flip = torch.rand(batch_size, generator=g) < 0.5 if self.flip else None
+        if self.moments is not None:
+            return Batch(self.moments.rows(idx, flip, g), y)
+        return Batch(mirror(torch.as_tensor(self.train_x[idx]).float(), flip), y)
 
 
 def _split(x: Tensor, y: Tensor, n_test: int, seed: int):
@@ -169,10 +199,7 @@ def toy2d(name: str = "8gaussians", n_train: int = 20_000, n_test: int = 5_000, 
     )
 
 
-def _images_in(folder: Path) -> list[Path]:
-    return sorted(
-        p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file()
-    )
+_images_in = images_in  # older name, kept for callers
 
 
 def load_image(path: Path, resolution: int, channels: int) -> Tensor:
@@ -216,34 +243,92 @@ def image_folder(
     channels: int = 3,
     test_fraction: float = 0.1,
     conditional: bool = False,
+    fingerprint: str = "",
+    flip: bool = False,
+    store: str | None = None,
+    progress: bool = True,
     **_,
 ) -> Dataset:
     """A user's folder of images. Sub-folders are classes (sorted names -> 0, 1, ...); images
     directly in the folder make an unlabeled dataset. Held-out split: every 1/test_fraction-th
-    image, deterministic."""
+    image, deterministic. The images are decoded once into a uint8 store (``store``, default
+    ``~/.cache/fewstep-bench/stores/<folder>-<res>px-<ch>ch-<source hash>``; bench.store) that
+    every later run, and every process of one, memory-maps."""
     folder = _existing_dir(path, "images")
-    files = _images_in(folder)
+    files, digest = source_listing(folder)
     if not files:
         raise UserError(
             f"dataset path {str(folder)!r} holds no images ({', '.join(sorted(IMAGE_SUFFIXES))})"
         )
     classes = sorted({f.parent.relative_to(folder).parts[0] for f in files if f.parent != folder})
     labelled = bool(classes) and all(f.parent != folder for f in files)
-    x = torch.stack([load_image(f, resolution, channels) for f in files])
-    y = (
-        torch.tensor([classes.index(f.relative_to(folder).parts[0]) for f in files])
+    labels = (
+        np.array([classes.index(f.relative_to(folder).parts[0]) for f in files], dtype=np.int64)
         if labelled
         else None
     )
-    every = max(2, round(1 / test_fraction)) if test_fraction > 0 else len(files) + 1
-    test = torch.arange(len(files)) % every == every - 1
-    if test.all() or not test.any():
-        test = torch.zeros(len(files), dtype=torch.bool)
-        test[-1] = True  # tiny folders: keep one held-out image so test metrics stay defined
-    pick = lambda m: (x[m], None if y is None else y[m])  # noqa: E731
-    return Dataset(
-        folder.name, *pick(~test), *pick(test), num_classes=len(classes) if labelled else 0
+    out = (
+        Path(store).expanduser()
+        if store
+        else default_store_dir(folder.resolve(), int(resolution), int(channels), digest)
     )
+    pack_images(
+        folder.resolve(),
+        files,
+        digest,
+        labels,
+        classes if labelled else [],
+        out,
+        int(resolution),
+        int(channels),
+        progress=progress,
+    )
+    fields = open_fields(out, ("pixels", "labels") if labelled else ("pixels",))
+    n = len(files)
+    every = max(2, round(1 / test_fraction)) if test_fraction > 0 else n + 1
+    n_test = n // every
+    if (
+        n_test == 0 or n_test == n
+    ):  # tiny folders: keep one held-out image so test metrics stay defined
+        split = {False: dict(start=0, n=n - 1), True: dict(start=n - 1, n=1)}
+    else:
+        split = {
+            False: dict(n=n - n_test, locate=every_kth(every, False)),
+            True: dict(n=n_test, locate=every_kth(every, True)),
+        }
+
+    def rows(field: str, held_out: bool, convert) -> Rows | None:
+        return Rows(fields[field], convert=convert, **split[held_out]) if field in fields else None
+
+    # Labels (8 bytes a row: 10 MB for ImageNet) are read into memory, pixels stay mapped.
+    labels_of = lambda held_out: rows("labels", held_out, as_long)  # noqa: E731
+    return Dataset(
+        folder.name,
+        rows("pixels", False, from_uint8),
+        labels_of(False)[:] if labelled else None,
+        rows("pixels", True, from_uint8),
+        labels_of(True)[:] if labelled else None,
+        num_classes=len(classes) if labelled else 0,
+        flip=bool(flip),
+        fingerprint=fingerprint,
+    )
+
+
+def source_files(node) -> tuple[Path, list[Path]] | None:
+    """The folder and the files a data config's loader reads (``image_folder``: its images;
+    ``latents``: its shards and ``latents.json``), for ``bench.identity.pin_data``; None for data
+    made in code or a folder that does not exist (the loader refuses that in one sentence)."""
+    target, path = str(node.get("_target_", "")), node.get("path")
+    if not path or target not in ("bench.data.image_folder", "bench.data.latents"):
+        return None
+    folder = Path(path).expanduser()
+    if not folder.is_dir():
+        return None
+    if target.endswith("image_folder"):
+        return folder, _images_in(folder)
+    meta = folder / LATENTS_META
+    shards = sorted(p for p in folder.iterdir() if p.suffix in (".npy", ".npz") and p.is_file())
+    return folder, [*shards, *([meta] if meta.is_file() else [])]
 
 
 #: bench.encode's metadata file beside the latent shards.
@@ -261,16 +346,89 @@ def latents_meta(folder: Path) -> dict | None:
         raise UserError(f"cannot read {path} ({e}); re-run python -m bench.encode") from e
 
 
+#: The format bench.encode writes: a memory-mapped store of posterior moments (bench.store).
+LATENT_STORE_FORMAT = "fewstep-bench latents v2"
+
+
 def latents(
-    path: str | None = None, test_fraction: float = 0.02, conditional: bool = False, **_
+    path: str | None = None,
+    test_fraction: float = 0.02,
+    conditional: bool = False,
+    fingerprint: str = "",
+    flip: bool = False,
+    posterior: str = "mean",
+    **_,
 ) -> Dataset:
-    """VAE latent shards: ``*.npz`` with arrays ``latents`` (N, C, H, W) and optional ``labels``,
-    or ``*.npy`` holding latents only. With bench.encode's ``latents.json`` the shards it lists
-    are read (refused while encoding is unfinished) and the dataset carries its ``LatentInfo``;
-    without it every shard in the folder is read in sorted order. The last ``test_fraction`` is
-    held out (bench.encode stores the images in a seeded random order, so that is a random split)."""
+    """VAE latents. A store written by ``python -m bench.encode`` (``latents.json`` format v2) is
+    memory-mapped: training rows draw ``mean + std * eps`` (``posterior=sample``) or take the mean
+    (``posterior=mean``), of the mirrored image with probability 1/2 when ``flip``; the held-out
+    rows and the reference features use the unflipped means. The last ``test_fraction`` of the
+    rows is held out (bench.encode stores the images in a seeded random order, so that is a
+    random split). Older folders -- ``*.npz`` shards with ``latents`` (N, C, H, W) and optional
+    ``labels``, or ``*.npy`` latents only, with or without bench.encode's v1 ``latents.json`` --
+    are read whole into memory and used as stored (``posterior=mean``, no ``flip``)."""
+    check_posterior(posterior)
     folder = _existing_dir(path, "latents")
     meta = latents_meta(folder)
+    if meta is not None and meta.get("format") == LATENT_STORE_FORMAT:
+        data = latent_store(folder, meta, test_fraction, flip, posterior)
+        data.fingerprint = fingerprint
+        return data
+    if flip or posterior != "mean":
+        raise UserError(
+            f"the latents in {folder} are older shards (one fixed latent per image, no mirrors), "
+            f"so data.flip={flip} / data.posterior={posterior} cannot apply; re-encode them with "
+            "python -m bench.encode, or set data.flip=false data.posterior=mean to use them as stored"
+        )
+    return latent_shards(folder, meta, test_fraction, fingerprint)
+
+
+def latent_info(meta: dict) -> LatentInfo:
+    return LatentInfo(
+        vae=meta["vae"],
+        scaling_factor=float(meta["scaling_factor"]),
+        resolution=int(meta["resolution"]),
+        vae_sha256=meta.get("vae_sha256", ""),
+        classes=tuple(meta.get("classes", [])),
+    )
+
+
+def latent_store(
+    folder: Path, meta: dict, test_fraction: float, flip: bool, posterior: str
+) -> Dataset:
+    """A bench.encode store, memory-mapped (bench.store): nothing is read before a batch."""
+    if not meta.get("complete"):
+        raise UserError(
+            f"the latents in {folder} are unfinished ({meta.get('rows_done', 0)} of "
+            f"{meta.get('count')} images so far); re-run the same python -m bench.encode "
+            "command to finish them"
+        )
+    labelled = bool(meta.get("classes"))
+    fields = open_fields(folder, MOMENTS + (("labels",) if labelled else ()))
+    n = int(meta["count"])
+    n_test = max(1, int(n * test_fraction))
+    train = lambda name, convert: Rows.range(fields[name], 0, n - n_test, convert)  # noqa: E731
+    test = lambda name, convert: Rows.range(fields[name], n - n_test, n, convert)  # noqa: E731
+    moments = LatentMoments(*(train(name, as_float) for name in MOMENTS), posterior=posterior)
+    info = latent_info(meta)
+    return Dataset(
+        folder.name,
+        train("mean", as_float),
+        train("labels", as_long)[:] if labelled else None,  # 8 bytes a row, in memory
+        test("mean", as_float),
+        test("labels", as_long)[:] if labelled else None,
+        num_classes=len(info.classes) if labelled else 0,
+        kind="latent",
+        latent=info,
+        flip=bool(flip),
+        moments=moments,
+    )
+
+
+def latent_shards(
+    folder: Path, meta: dict | None, test_fraction: float, fingerprint: str = ""
+) -> Dataset:
+    """Older latent folders: shards read whole into memory (see ``latents``)."""
     if meta is not None and not meta.get("complete"):
         raise UserError(
             f"the latents in {folder} are unfinished ({len(meta.get('shards', []))} shards so far); "
@@ -308,13 +466,7 @@ def latents(
     num_classes = int(y.max()) + 1 if y is not None else 0
     info = None
     if meta is not None:
-        info = LatentInfo(
-            vae=meta["vae"],
-            scaling_factor=float(meta["scaling_factor"]),
-            resolution=int(meta["resolution"]),
-            vae_sha256=meta.get("vae_sha256", ""),
-            classes=tuple(meta.get("classes", [])),
-        )
+        info = latent_info(meta)
         num_classes = max(num_classes, len(info.classes)) if y is not None else 0
     return Dataset(
         folder.name,
@@ -325,4 +477,5 @@ def latents(
         num_classes=num_classes,
         kind="latent",
         latent=info,
+        fingerprint=fingerprint,
     )

@@ -18,7 +18,10 @@ block starts as the identity). Positions are fixed 2-D sin-cos; attention is tor
 
 Differences from the official shortcut-models JAX DiT, on purpose (docs/methods.md, "The official
 DiT's warts"): queries are scaled by ``1/sqrt(head_dim)`` (SDPA), ``t`` is scaled to [0, 1000]
-before the sinusoid, and the per-block adaLN layers are zero-initialised.
+before the sinusoid, and the per-block adaLN layers are zero-initialised. Each has an option
+reproducing the official DiT: ``attention="official"`` (1/head_dim), ``adaln_init="xavier"``
+(size keys, e.g. ``+size.attention=official``), and the methods' ``embedding=raw`` (``t`` and
+the level unscaled, ``d_scale``).
 
 Parameter count: the DiT paper's table (33M / 130M / 458M / 675M for S/2, B/2, L/2, XL/2 on
 32x32x4, 1000 classes, learned sigma) plus our ``d`` embedder, which adds ``256 D + D^2 + 2 D``
@@ -77,6 +80,19 @@ def step_level(d: Tensor) -> Tensor:
 D_EMBEDDINGS = ("level", "linear")
 
 
+#: ``embedding`` option of the methods that use the level: the scales of ``t`` and of the level
+#: ``log2(1/d)`` before the sinusoid. ``dit``: 1000 t and 1000/7 level (the DiT/ADM range);
+#: ``raw``: t in [0, 1] and the integer level 0..7 as they are (the official shortcut DiT,
+#: kvfrans/shortcut-models model.py:82-88 embeds ``t`` unscaled, l. 262 the integer level).
+EMBEDDING_SCALES: dict[str, tuple[float, float]] = {"dit": (1000.0, 1000.0 / 7), "raw": (1.0, 1.0)}
+
+
+def default_d_scale(d_embedding: str, t_scale: float) -> float:
+    """The ``d`` embedder's scale when none is given: the level spread over the range of
+    ``1000 t``; a linear ``d`` scaled like ``t``."""
+    return 1000.0 / 7 if d_embedding == "level" else t_scale
+
+
 def step_input(d: Tensor, how: str) -> Tensor:
     return step_level(d) if how == "level" else d
 
@@ -99,6 +115,11 @@ def sincos_2d(hidden: int, grid_h: int, grid_w: int) -> Tensor:
     return torch.cat([axis(xs), axis(ys)], dim=1).float()
 
 
+#: ``attention`` of the DiT: the softmax temperature as a function of the head dimension.
+#: ``sdpa``: 1/sqrt(head_dim) (DiT); ``official``: 1/head_dim (kvfrans/shortcut-models model.py:181).
+ATTENTION_SCALES = {"sdpa": lambda head_dim: None, "official": lambda head_dim: 1.0 / head_dim}
+
+
 def modulate(x: Tensor, shift: Tensor, scale: Tensor) -> Tensor:
     return x * (1 + scale[:, None]) + shift[:, None]
 
@@ -106,10 +127,12 @@ def modulate(x: Tensor, shift: Tensor, scale: Tensor) -> Tensor:
 class Attention(nn.Module):
     """Multi-head self-attention. ``naive=True`` spells out the softmax (for bench.perf only)."""
 
-    def __init__(self, hidden: int, heads: int, naive: bool = False):
+    def __init__(self, hidden: int, heads: int, naive: bool = False, scale: float | None = None):
         super().__init__()
         assert hidden % heads == 0, f"hidden {hidden} is not divisible by heads {heads}"
+        # None: 1/sqrt(head_dim) (DiT, SDPA's default); the official shortcut DiT uses 1/head_dim
         self.heads, self.naive = heads, naive
+        self.scale = scale  # None is passed on: SDPA's own default, bitwise as before
         self.qkv = nn.Linear(hidden, 3 * hidden)
         self.proj = nn.Linear(hidden, hidden)
 
@@ -117,18 +140,26 @@ class Attention(nn.Module):
         n, t, c = x.shape
         q, k, v = self.qkv(x).view(n, t, 3, self.heads, c // self.heads).permute(2, 0, 3, 1, 4)
         if self.naive:
-            w = (q @ k.transpose(-2, -1)) / math.sqrt(q.shape[-1])
+            w = q @ k.transpose(-2, -1)
+            w = w / math.sqrt(q.shape[-1]) if self.scale is None else w * self.scale
             out = w.softmax(dim=-1) @ v
         else:
-            out = F.scaled_dot_product_attention(q, k, v)  # (N, heads, T, head_dim)
+            out = F.scaled_dot_product_attention(q, k, v, scale=self.scale)  # (N, heads, T, hd)
         return self.proj(out.transpose(1, 2).reshape(n, t, c))
 
 
 class DiTBlock(nn.Module):
-    def __init__(self, hidden: int, heads: int, mlp_ratio: float = 4.0, naive_attention=False):
+    def __init__(
+        self,
+        hidden: int,
+        heads: int,
+        mlp_ratio: float = 4.0,
+        naive_attention=False,
+        attention_scale: float | None = None,
+    ):
         super().__init__()
         self.norm1 = nn.LayerNorm(hidden, elementwise_affine=False, eps=1e-6)
-        self.attn = Attention(hidden, heads, naive=naive_attention)
+        self.attn = Attention(hidden, heads, naive=naive_attention, scale=attention_scale)
         self.norm2 = nn.LayerNorm(hidden, elementwise_affine=False, eps=1e-6)
         inner = int(hidden * mlp_ratio)
         self.mlp = nn.Sequential(
@@ -171,8 +202,16 @@ class DiT(nn.Module):
         d_embedding: str = "level",
         t_scale: float = 1000.0,
         grad_checkpoint: bool = False,
+        d_scale: float | None = None,
+        attention: str = "sdpa",
+        adaln_init: str = "zero",
     ):
         super().__init__()
+        if attention not in ATTENTION_SCALES:
+            raise ValueError(f"unknown attention {attention!r}; choose one of sdpa, official")
+        if adaln_init not in ("zero", "xavier"):
+            raise ValueError(f"unknown adaln_init {adaln_init!r}; choose one of zero, xavier")
+        self.attention, self.adaln_init = attention, adaln_init
         if d_embedding not in D_EMBEDDINGS:
             raise ValueError(f"unknown d_embedding {d_embedding!r}; choose one of level, linear")
         channels, height, width = (int(s) for s in input_shape)
@@ -191,11 +230,18 @@ class DiT(nn.Module):
         self.register_buffer("pos", sincos_2d(hidden, *self.grid)[None], persistent=False)
         self.t_embed = ScalarEmbedder(hidden, scale=t_scale)
         # log2(1/d) in [0, 7] is spread over the same range as 1000 t; a linear d is scaled like t.
-        d_scale = 1000.0 / 7 if d_embedding == "level" else t_scale
+        d_scale = default_d_scale(d_embedding, t_scale) if d_scale is None else d_scale
         self.d_embed = ScalarEmbedder(hidden, scale=d_scale)
         self.y_embed = nn.Embedding(num_classes + 1, hidden)  # row `num_classes` = null label
         self.blocks = nn.ModuleList(
-            DiTBlock(hidden, heads, mlp_ratio, naive_attention) for _ in range(depth)
+            DiTBlock(
+                hidden,
+                heads,
+                mlp_ratio,
+                naive_attention,
+                ATTENTION_SCALES[attention](hidden // heads),
+            )
+            for _ in range(depth)
         )
         self.final = FinalLayer(hidden, patch, channels)
         self._init_weights()
@@ -213,8 +259,11 @@ class DiT(nn.Module):
             for layer in emb.mlp[0], emb.mlp[2]:
                 nn.init.normal_(layer.weight, std=0.02)
         # adaLN-Zero: every residual branch starts closed, the output starts at zero velocity.
+        # adaln_init=xavier (official shortcut DiT, model.py:168): the blocks' adaLN layers keep
+        # their Xavier weights (zero bias); only the final layer starts at zero.
         for block in self.blocks:
-            nn.init.zeros_(block.adaLN[-1].weight)
+            if self.adaln_init == "zero":
+                nn.init.zeros_(block.adaLN[-1].weight)
             nn.init.zeros_(block.adaLN[-1].bias)
         for layer in (self.final.adaLN[-1], self.final.linear):
             nn.init.zeros_(layer.weight)

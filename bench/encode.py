@@ -1,36 +1,40 @@
-"""``python -m bench.encode``: a folder of images -> VAE latent shards for ``data=latents``.
+"""``python -m bench.encode``: a folder of images -> a memory-mapped latent store for ``data=latents``.
 
     python -m bench.encode input=/data/celebahq256 output=/data/celebahq256_latents
     python -m bench.encode input=/data/imagenet/train output=/data/imagenet256_latents
 
 Every image is resized on its short side and centre-cropped to ``resolution`` (``load_image``, as
 ``data=image_folder`` does), mapped to [-1, 1] and encoded by a diffusers ``AutoencoderKL``
-(``vae``: a save_pretrained folder or a hub name). Stored is ``scaling_factor * z`` (the VAE's
-``config.scaling_factor``, 0.18215 for SD-VAE), ``z`` the posterior mean or one posterior sample
-seeded by ``(seed, image)``. Class sub-folders become labels, sorted names -> 0, 1, ...
+(``vae``: a save_pretrained folder or a hub name), and so is its horizontal mirror. Stored are
+the posterior moments of both, in the scaled latent space that training sees (``s`` the VAE's
+``config.scaling_factor``, 0.18215 for SD-VAE): ``mean = s * mu`` and ``logvar = log(s^2 sigma^2)``,
+float16. Training then draws ``mean + exp(logvar / 2) * eps`` of the image or of its mirror at
+every step (``data.posterior``, ``data.flip``): the distribution the official shortcut-models code
+gets by encoding a randomly flipped image at every step, at the cost of reading 2 x 2 fp16
+arrays. Class sub-folders become labels, sorted names -> 0, 1, ...
 
-The output folder (config: sweeps/encode.yaml):
+The output folder (config: sweeps/encode.yaml; bench.store describes stores):
 
-* ``shard-00000.npz``, ... with ``latents`` (n, C, H, W) float32, ``labels`` (n,) int64 when
-  labelled, and ``files`` (n,), the images' paths relative to the input folder;
-* ``latents.json``: ``format``, ``complete``, ``vae`` (absolute folder or hub name),
-  ``vae_sha256`` (its weights), ``scaling_factor``, ``resolution``, ``posterior``, ``seed``,
-  ``labels``, ``classes``, ``latent_shape``, ``count``, ``shard_size``, ``shards`` (finished),
+* ``mean.npy``, ``logvar.npy``, ``mean_flip.npy``, ``logvar_flip.npy``: (N, C, H, W) float16;
+  ``labels.npy`` (N,) int64 when labelled; ``files.txt``: the images' paths relative to the input
+  folder, one per row;
+* ``latents.json``: ``format``, ``complete``, ``rows_done``, ``vae`` (absolute folder or hub
+  name), ``vae_sha256`` (its weights), ``scaling_factor``, ``resolution``, ``seed``, ``labels``,
+  ``classes``, ``latent_shape``, ``count``, ``chunk_size``, ``moments`` (what is stored),
   ``source`` (``folder``, ``files``, ``hash``, ``hash_of``).
 
-The images go into the shards in a seeded random order, so ``data=latents``' held-out tail is a
-random subset, not the last classes. Shard ``i`` always holds the same images and is written to a
-``.part`` file that is renamed when complete: running the same command again encodes only the
-missing shards, and says so when nothing is missing. The source hash is the sha256 of the sorted
-relative paths and byte sizes (no contents: hashing ImageNet would read it all twice; no mtimes:
-a copied dataset keeps its hash); another source, or other settings, into an existing output
-folder is an error. Bad input is one sentence and exit status 2, as in ``bench.run``.
+The images are stored in a seeded random order, so ``data=latents``' held-out tail is a random
+subset, not the last classes. Rows are written in chunks of ``chunk_size``, each flushed to disk
+before ``rows_done`` says so: running the same command again continues at the first unwritten
+row, and says so when nothing is missing. The source hash is ``bench.store.source_listing``'s;
+another source, or other settings, into an existing output folder is an error. Folders written by
+the previous version (``shard-*.npz`` of one posterior draw) still load, as stored. Bad input is
+one sentence and exit status 2, as in ``bench.run``.
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
+import math
 import sys
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
@@ -40,22 +44,13 @@ import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from bench import rng
-from bench.data import IMAGE_SUFFIXES, LATENTS_META, _images_in, latents_meta, load_image
+from bench.data import LATENT_STORE_FORMAT, LATENTS_META, latents_meta, load_image
 from bench.errors import EXIT_USER_ERROR, UserError
+from bench.store import HASH_OF, IMAGE_SUFFIXES, MOMENTS, allocate, source_listing, write_meta
 
-FORMAT = "fewstep-bench latents v1"
+FORMAT = LATENT_STORE_FORMAT
 #: Settings that decide every stored number: a rerun into the same folder must match them.
-SETTINGS = ("vae", "resolution", "posterior", "seed", "labels", "shard_size")
-
-
-def source_listing(folder: Path) -> tuple[list[Path], str]:
-    """The images under ``folder`` (sorted) and the sha256 of their relative paths and sizes."""
-    files = _images_in(folder)
-    h = hashlib.sha256()
-    for f in files:
-        h.update(f"{f.relative_to(folder).as_posix()}\t{f.stat().st_size}\n".encode())
-    return files, h.hexdigest()
+SETTINGS = ("vae", "resolution", "seed", "labels", "chunk_size")
 
 
 def class_labels(folder: Path, files: list[Path], mode: str) -> tuple[list[str], np.ndarray | None]:
@@ -87,15 +82,20 @@ def pick_device(name: str) -> torch.device:
 
 
 #: The order keys are written in (latents.json is read by people too).
-KEYS = ("format", "complete", "vae", "vae_sha256", "scaling_factor", "resolution", "latent_shape")
+KEYS = (
+    "format",
+    "complete",
+    "rows_done",
+    "vae",
+    "vae_sha256",
+    "scaling_factor",
+    "resolution",
+    "latent_shape",
+)
 
 
 def write_json(path: Path, meta: dict) -> None:
-    rank = {k: i for i, k in enumerate(KEYS)}
-    ordered = dict(sorted(meta.items(), key=lambda kv: rank.get(kv[0], len(KEYS))))
-    tmp = path.with_name(path.name + ".part")
-    tmp.write_text(json.dumps(ordered, indent=1) + "\n")
-    tmp.replace(path)
+    write_meta(path, meta, KEYS)
 
 
 def check_output(out: Path, meta: dict | None, wanted: dict) -> None:
@@ -107,6 +107,11 @@ def check_output(out: Path, meta: dict | None, wanted: dict) -> None:
                 "choose a new or empty output folder"
             )
         return
+    if meta.get("format") != FORMAT:
+        raise UserError(
+            f"output folder {out} holds latents of an older bench.encode ({meta.get('format')}); "
+            "they still load as they are; to encode again use a new output folder"
+        )
     src, had = wanted["source"], meta.get("source", {})
     if had.get("hash") != src["hash"]:
         raise UserError(
@@ -133,17 +138,16 @@ def prefetch(pool: ThreadPoolExecutor, files: list[Path], resolution: int, batch
 
 
 @torch.no_grad()
-def encode_batch(vae, x: torch.Tensor, posterior: str, seeds: list[int]) -> np.ndarray:
-    """``scaling_factor * z`` for a batch of [-1, 1] images; a sample draws its noise from a
-    generator seeded per image, so it does not depend on batching, order or device."""
-    dist = vae.encode(x).latent_dist
-    z = dist.mean
-    if posterior == "sample":
-        noise = torch.stack(
-            [torch.randn(z.shape[1:], generator=rng.generator(key)) for key in seeds]
-        )
-        z = z + dist.std * noise.to(z.device, z.dtype)
-    return (z * vae.config.scaling_factor).float().cpu().numpy()
+def encode_moments(vae, x: torch.Tensor) -> tuple[np.ndarray, ...]:
+    """Scaled posterior moments of a batch of [-1, 1] images and of their mirrors:
+    ``(mean, logvar, mean_flip, logvar_flip)``, float16, ``mean = s * mu``,
+    ``logvar = log(s^2 sigma^2)`` (``s`` the VAE's scaling factor). The encoder is a
+    deterministic function of its input, so the mirror's moments are those of the flipped image."""
+    n, s = len(x), float(vae.config.scaling_factor)
+    dist = vae.encode(torch.cat([x, x.flip(-1)])).latent_dist
+    mean = (dist.mean.float() * s).cpu().numpy().astype(np.float16)
+    logvar = (dist.logvar.float() + 2 * math.log(s)).cpu().numpy().astype(np.float16)
+    return mean[:n], logvar[:n], mean[n:], logvar[n:]
 
 
 def encode(
@@ -151,11 +155,10 @@ def encode(
     output: str | None,
     vae: str,
     resolution: int = 256,
-    posterior: str = "sample",
     seed: int = 0,
     labels: str = "auto",
     batch_size: int = 64,
-    shard_size: int = 10_000,
+    chunk_size: int = 10_000,
     workers: int = 8,
     device: str = "auto",
     progress: bool = True,
@@ -169,13 +172,11 @@ def encode(
         raise UserError("input is not set; give the image folder, e.g. input=/data/celebahq256")
     if not output:
         raise UserError("output is not set; give the latent folder, e.g. output=/data/latents")
-    if posterior not in ("sample", "mean"):
-        raise UserError(f"posterior={posterior!r} is not allowed; choose one of sample, mean")
     for key, value in (("resolution", resolution), ("batch_size", batch_size)):
         if int(value) < 1:
             raise UserError(f"{key}={value} must be a positive integer")
-    if int(shard_size) < 1 or int(workers) < 1:
-        raise UserError(f"shard_size={shard_size} and workers={workers} must be positive integers")
+    if int(chunk_size) < 1 or int(workers) < 1:
+        raise UserError(f"chunk_size={chunk_size} and workers={workers} must be positive integers")
     folder, out = Path(input).expanduser().resolve(), Path(output).expanduser().resolve()
     if not folder.is_dir():
         raise UserError(f"input folder {str(folder)!r} does not exist or is not a folder")
@@ -189,20 +190,17 @@ def encode(
     wanted = {
         "format": FORMAT,
         "complete": False,
+        "rows_done": 0,
         "vae": vae_source(vae),
         "resolution": int(resolution),
-        "posterior": posterior,
         "seed": int(seed),
         "labels": labels,
-        "shard_size": int(shard_size),
+        "chunk_size": int(chunk_size),
         "classes": classes,
         "count": len(files),
-        "source": {
-            "folder": str(folder),
-            "files": len(files),
-            "hash": digest,
-            "hash_of": "sha256 of the sorted relative paths and byte sizes",
-        },
+        "moments": "float16 scaled posterior moments of each image and of its mirror: "
+        "mean = s * mu, logvar = log(s^2 sigma^2), s = scaling_factor",
+        "source": {"folder": str(folder), "files": len(files), "hash": digest, "hash_of": HASH_OF},
     }
     meta = latents_meta(out) if out.is_dir() else None
     check_output(out, meta, wanted)
@@ -221,61 +219,56 @@ def encode(
             f"output folder {out} was encoded with other weights for vae={vae!r} (sha256 "
             f"{meta['vae_sha256']}, now {vae_hash}); use a new output folder"
         )
+    res, batch_size, chunk_size = int(resolution), int(batch_size), int(chunk_size)
+    with torch.no_grad():  # the latent shape, from one blank image through the encoder
+        shape = list(
+            model.encode(torch.zeros(1, 3, res, res, device=dev)).latent_dist.mean.shape[1:]
+        )
     meta = {
         **wanted,
         **(meta or {}),
         "vae_sha256": vae_hash,
         "scaling_factor": float(model.config.scaling_factor),
+        "latent_shape": shape,
     }
     out.mkdir(parents=True, exist_ok=True)
-    shard_size, batch_size = int(shard_size), int(batch_size)
     order = np.random.default_rng(int(seed)).permutation(len(files))
-    n_shards = -(-len(files) // shard_size)
-    names = [f"shard-{i:05d}.npz" for i in range(n_shards)]
-    todo = [i for i in range(n_shards) if not (out / names[i]).is_file()]
-    shard = lambda i: order[i * shard_size : (i + 1) * shard_size]  # noqa: E731
-    done = len(files) - sum(len(shard(i)) for i in todo)
-    meta["shards"] = [n for i, n in enumerate(names) if i not in todo]
+    n = len(files)
+    fields = {name: ((n, *shape), "float16") for name in MOMENTS}
+    if y is not None:
+        fields["labels"] = ((n,), "int64")
+    arrays = allocate(out, fields)
+    if y is not None:
+        arrays["labels"][:] = y[order]
+        arrays["labels"].flush()
+    names = "\n".join(files[j].relative_to(folder).as_posix() for j in order)
+    (out / "files.txt").write_text(names + "\n")
+    done = int(meta.get("rows_done", 0))
     write_json(out / LATENTS_META, meta)
     print(
-        f"encoding {len(files)} images from {folder} into {out} (vae {meta['vae']}, "
-        f"{resolution} px, posterior {posterior}, {len(classes) or 'no'} classes): "
-        f"{n_shards - len(todo)} of {n_shards} shards already done",
+        f"encoding {n} images and their mirrors from {folder} into {out} (vae {meta['vae']}, "
+        f"{resolution} px, {len(classes) or 'no'} classes): {done} of {n} already done",
         flush=True,
     )
-    bar = tqdm(total=len(files), initial=done, unit="img", disable=not progress, file=sys.stderr)
+    bar = tqdm(total=n, initial=done, unit="img", disable=not progress, file=sys.stderr)
     with ThreadPoolExecutor(int(workers)) as pool:
-        for i in todo:
-            idx = shard(i)
-            chunks = []
-            batches = prefetch(pool, [files[j] for j in idx], int(resolution), batch_size)
-            for start, x in zip(range(0, len(idx), batch_size), batches, strict=True):
-                seeds = [rng.stream_key(seed, j) for j in idx[start : start + batch_size]]
-                chunks.append(encode_batch(model, x.to(dev), posterior, seeds))
+        for start in range(done, n, chunk_size):
+            stop = min(start + chunk_size, n)
+            rows = [files[j] for j in order[start:stop]]
+            at = start
+            for x in prefetch(pool, rows, res, batch_size):
+                for name, m in zip(MOMENTS, encode_moments(model, x.to(dev)), strict=True):
+                    arrays[name][at : at + len(x)] = m
+                at += len(x)
                 bar.update(len(x))
-            z = np.concatenate(chunks)
-            arrays = {
-                "latents": z,
-                "files": np.array([files[j].relative_to(folder).as_posix() for j in idx]),
-            }
-            if y is not None:
-                arrays["labels"] = y[idx]
-            part = out / (names[i] + ".part")
-            with open(part, "wb") as fh:  # np.savez would append .npz to a path
-                np.savez(fh, **arrays)
-            part.replace(out / names[i])
-            meta["latent_shape"] = list(z.shape[1:])
-            meta["shards"] = sorted({*meta["shards"], names[i]})
+            for a in arrays.values():
+                a.flush()  # on disk before the metadata says so
+            meta["rows_done"] = stop
             write_json(out / LATENTS_META, meta)
     bar.close()
-    if "latent_shape" not in meta:  # every shard was there already (metadata lost its update)
-        with np.load(out / names[0]) as shard:
-            meta["latent_shape"] = list(shard["latents"].shape[1:])
-    meta.update(complete=True, shards=names)
+    meta.update(complete=True, rows_done=n)
     write_json(out / LATENTS_META, meta)
-    print(
-        f"wrote {n_shards} shards of {tuple(meta['latent_shape'])} latents and {out / LATENTS_META}"
-    )
+    print(f"wrote {n} x 2 posterior moments of {tuple(shape)} latents and {out / LATENTS_META}")
     return meta
 
 

@@ -27,6 +27,8 @@ from typing import TYPE_CHECKING
 import torch
 from torch import Tensor, nn
 
+from bench import distributed as ddp
+from bench import shard
 from bench.data import Dataset
 from bench.grids import interpolation_grid, save_grid, save_samples
 from bench.metrics.suites import Suite
@@ -38,7 +40,7 @@ if TYPE_CHECKING:  # the record imports the trainer; the evaluator needs neither
 
 #: Bumped whenever a metric's definition changes: stored results of another version are
 #: recomputed on the next run instead of being reported beside new ones.
-METRICS_VERSION = 2
+METRICS_VERSION = 3  # 3: bootstrap intervals of FD/FID; random-cnn features z-scored
 
 
 @dataclass
@@ -74,12 +76,14 @@ class Evaluator:
         grids: bool = True,
         save_samples: bool = False,
         interpolation: bool = False,
+        world: ddp.World = ddp.SINGLE,
     ):
         self.suite, self.data, self.n, self.seed = suite, data, num_samples, seed
         self.batch_size, self.device = batch_size, device
         self.budgets, self.weights = [int(s) for s in budgets], weights
         self.grids, self.save_samples, self.interpolation = grids, save_samples, interpolation
         self.x0, self.y = fixed_noise(data, num_samples, seed, conditional)
+        self.world = world  # every process samples its share of the batches (bench.shard)
 
     @property
     def floor(self) -> dict[str, float]:
@@ -109,21 +113,23 @@ class Evaluator:
         return f"v{METRICS_VERSION}-{hashlib.sha256(blob).hexdigest()[:16]}"
 
     @torch.no_grad()
-    def sample(self, method, net: nn.Module, steps: int) -> tuple[Tensor, float]:
-        """All ``num_samples`` samples at ``steps`` and the wall time spent sampling."""
-        out, elapsed = [], 0.0
-        for i in range(0, self.n, self.batch_size):
-            x0 = self.x0[i : i + self.batch_size].to(self.device)
-            y = None if self.y is None else self.y[i : i + self.batch_size].to(self.device)
-            if self.device.type == "cuda":
-                torch.cuda.synchronize()
-            tick = time.perf_counter()
-            x = method.sample(net, x0, steps, y)
-            if self.device.type == "cuda":
-                torch.cuda.synchronize()
-            elapsed += time.perf_counter() - tick
-            out.append(x.float().cpu())
-        return torch.cat(out), elapsed
+    def sample(self, method, net: nn.Module, steps: int) -> tuple[Tensor | None, float]:
+        """All ``num_samples`` samples at ``steps`` and the wall time spent sampling. Under DDP
+        each process samples its share of the batches (``bench.shard``: batch ``j`` on rank
+        ``j % W``, the same batches whatever ``W``) and rank 0 gets them all, in order, and the
+        wall time from the first batch to the last gathered sample; other ranks get ``None``."""
+        shard.wall_time_sync(self.device)
+        tick = time.perf_counter()
+        mine = {}
+        for j in shard.my_batches(self.n, self.batch_size, self.world):
+            rows = slice(j * self.batch_size, (j + 1) * self.batch_size)
+            x0 = self.x0[rows].to(self.device)
+            y = None if self.y is None else self.y[rows].to(self.device)
+            mine[j] = method.sample(net, x0, steps, y).float().cpu()
+        gathered = shard.gather_batches(mine, self.world)
+        shard.wall_time_sync(self.device)
+        elapsed = time.perf_counter() - tick
+        return (None if gathered is None else torch.cat(gathered)), elapsed
 
     def evaluate(self, method, net: nn.Module, steps: int) -> BudgetResult:
         net.eval()
@@ -151,9 +157,9 @@ class Evaluator:
         by one; returns the metrics of every budget. ``step``: the training step the weights are
         at (named if a stop signal ends the phase)."""
         net = nets.ema if self.weights == "ema" else nets.online
-        record.tags({**self.protocol(), "eval.weights": self.weights})
-        record.metrics(self.floor)
         key = self.reuse_key()
+        record.tags({**self.protocol(), "eval.weights": self.weights, "eval.protocol_key": key})
+        record.metrics(self.floor)
         done = record.evaluated(key)
         missing = [s for s in self.budgets if str(s) not in done]
         if len(missing) < len(self.budgets):
@@ -167,16 +173,21 @@ class Evaluator:
         with preemption.watching() if preemption else contextlib.nullcontext():
             for steps in self.budgets:
                 if str(steps) in done:
+                    # Logged again with its protocol: the tracking store's latest value of a
+                    # budget may come from another protocol evaluated since.
                     results[steps] = done[str(steps)]
+                    self.store(record, key, steps, done[str(steps)])
                     continue
                 if preemption is not None and preemption.requested:
                     saved = f"evaluated budgets {sorted(map(int, done))} are saved"
+                    shard.announce(None, self.world)  # the other ranks stop sampling too
                     raise Preempted(preemption.signal_name, step, saved)
+                shard.announce(steps, self.world)  # the other ranks sample their share
                 r = self.evaluate(method, net, steps)
-                record.metrics(r.metrics)
                 self.keep(r, record)
                 results[steps] = done[str(steps)] = r.metrics
-                record.store_evaluation(key, self.settings(), steps, r.metrics)
+                self.store(record, key, steps, r.metrics)
+        shard.announce(None, self.world)
         if self.interpolation:
             path = record.dir / "grids" / "interpolation.png"
             grid = interpolation_grid(
@@ -184,8 +195,43 @@ class Evaluator:
             )
             if grid is not None:
                 record.artifact(grid, "grids")
-        print(self.table(results), flush=True)
+        others = self.other_protocols(record, key, results)
+        # The run-level eval.* tags describe this evaluation only: say when budgets of another
+        # protocol share the run (their own protocol/steps_N tags name it).
+        record.tags({"eval.other_protocol_budgets": ",".join(map(str, sorted(others))) or "none"})
+        print(self.table(results, others), flush=True)
         return results
+
+    def store(self, record: RunRecord, key: str, steps: int, metrics: dict[str, float]) -> None:
+        """A budget's metrics with the protocol they were measured under: the metrics, the tags
+        ``protocol/steps_N`` (the settings as JSON) and ``protocol_key/steps_N``, and the run
+        record's entry under ``key``."""
+        settings = self.settings()
+        record.metrics(metrics)
+        record.tags(
+            {
+                f"protocol/steps_{steps}": json.dumps(settings, sort_keys=True),
+                f"protocol_key/steps_{steps}": key,
+            }
+        )
+        record.store_evaluation(key, settings, steps, metrics)
+
+    @staticmethod
+    def other_protocols(
+        record: RunRecord, key: str, results: dict[int, dict[str, float]]
+    ) -> dict[int, tuple[str, dict[str, str]]]:
+        """Budgets this run's record holds (and its tracking run shows) under another protocol
+        than ``key`` and that this evaluation did not measure: budget -> (key, settings)."""
+        state = getattr(record, "state", None) or {}
+        evaluated, protocols = state.get("evaluated", {}), state.get("protocols", {})
+        latest = state.get("latest", {})  # budget -> the key it was last logged under
+        out: dict[int, tuple[str, dict[str, str]]] = {}
+        for other, budgets in evaluated.items():
+            for b in budgets:
+                if other == key or int(b) in results or latest.get(b, other) != other:
+                    continue
+                out[int(b)] = (other, protocols.get(other, {}))
+        return out
 
     def keep(self, r: BudgetResult, record: RunRecord) -> None:
         """A budget's sample grid (an MLflow artifact) and sample file, as configured."""
@@ -197,8 +243,14 @@ class Evaluator:
         if self.save_samples:
             save_samples(r.samples, self.y, record.dir / "samples" / f"{name}.npz")
 
-    def table(self, results: dict[int, dict[str, float]]) -> str:
-        """The printed results: a row per budget, then the protocol and the real-data floor."""
+    def table(
+        self,
+        results: dict[int, dict[str, float]],
+        others: dict[int, tuple[str, dict[str, str]]] | None = None,
+    ) -> str:
+        """The printed results: a row per budget (under it the suite's interval row, if any),
+        then the protocol, the real-data floor, and the budgets this run holds under another
+        protocol (``others``), named as such and never as rows of this table."""
         lines = [f"{'steps':>5} {'NFE':>5}  {self.suite.table_head}  samples/s"]
         for steps in sorted(results):
             m, k = results[steps], f"steps_{steps}"
@@ -206,9 +258,26 @@ class Evaluator:
                 f"{steps:>5} {int(m[f'nfe/{k}']):>5}  {self.suite.table_row(m, k)}"
                 f"  {m[f'sample/img_per_s_{k}']:9.0f}"
             )
+            if interval := self.suite.interval_row(m, k):
+                lines.append(f"{'':>11}  {interval}")
+        if note := self.suite.interval_note():
+            lines.append(note)
         detail = ", ".join(f"{k.split('.', 1)[1]}={v}" for k, v in self.protocol().items())
         floor = ", ".join(f"{k}={v:.3g}" for k, v in self.floor.items())
-        return (
+        text = (
             f"{chr(10).join(lines)}\nprotocol: {detail}\n"
             f"real-data floor ({self.suite.floor_label}): {floor}"
         )
+        for steps, (other, settings) in sorted((others or {}).items()):
+            mine = self.settings()
+            differ = [
+                f"{k.split('.', 1)[1]}={settings.get(k, '?')} (here {mine.get(k, '?')})"
+                for k in sorted(set(mine) | set(settings))
+                if settings.get(k) != mine.get(k)
+            ]
+            text += (
+                f"\nNOT IN THIS TABLE: this run also holds steps {steps} under another protocol "
+                f"(key {other}; {'; '.join(differ) or 'settings not recorded'}); "
+                "those numbers are not comparable with the rows above"
+            )
+        return text

@@ -19,6 +19,33 @@ IDENTITY_KEYS = ("data", "size", "method", "train", "seed")
 #: checkpointing (same values, other speed/memory). ``precision`` and ``tf32`` do round
 #: differently, so they stay in.
 NOT_IDENTITY = ("log_every", "ckpt_every", "progress", "compile", "grad_checkpoint")
+#: Method options added after runs were recorded, with the value that does what those runs did
+#: (per method ``_target_``). At that value an option is left out of the hash, so a run recorded
+#: before the option existed keeps its identity (run directory, MLflow run); any other value is
+#: hashed. MLflow params still list every option. A new option goes here with its neutral value.
+ADDED_OPTIONS: dict[str, dict[str, object]] = {
+    **{
+        f"methods.{module}.{cls}": {"embedding": "dit"}
+        for module, cls in (
+            ("reflow", "Reflow"),
+            ("consistency", "Consistency"),
+            ("live_reflow", "LiveReflow"),
+        )
+    },
+    "methods.shortcut.Shortcut": {"embedding": "dit", "sigma_min": 0.0},
+    "methods.flow_matching.FlowMatching": {"embedding": "dit", "sigma_min": 0.0},
+    "methods.progressive_distillation.ProgressiveDistillation": {
+        "embedding": "dit",
+        "clip": None,
+        "bake_cfg_scale": None,
+        "teacher_weights": "online",
+        "d_conditioning": "step",
+        "ema_rate": 0.0,
+        "lr_schedule": "anneal",
+        "reset_optimizer": True,
+    },
+    "methods.meanflow.MeanFlow": {"label_dropout_rows": "any"},
+}
 
 
 def identity_config(cfg: DictConfig, effective: bool = True) -> dict:
@@ -37,6 +64,37 @@ def identity_config(cfg: DictConfig, effective: bool = True) -> dict:
     return out
 
 
+def fingerprint(root: Path, files: list[Path]) -> str:
+    """A content fingerprint of ``files`` under ``root``: SHA-256 over each one's path relative
+    to ``root``, size and modification time (ns), in sorted order. One ``stat`` per file and no
+    reading: ~1 s per million files on a local disk (``benchmarks/data_fingerprint.py``). A file
+    added, removed, renamed, resized or rewritten changes it; a copy that does not keep
+    modification times (``cp`` without ``-p``, ``rsync`` without ``-t``) counts as new data."""
+    h = hashlib.sha256()
+    for rel in sorted(str(f.relative_to(root)) for f in files):
+        st = (root / rel).stat()
+        h.update(f"{rel}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+    return f"{len(files)}-{h.hexdigest()[:16]}"
+
+
+def pin_data(cfg: DictConfig) -> None:
+    """Set ``data.fingerprint`` for data read from a folder (``image_folder``, ``latents``): the
+    files the loader will read, fingerprinted, so a changed dataset is another run (a new run
+    directory and MLflow run) instead of the old results reported under the old identity. Data
+    generated in code (digits16, shapes16, toy2d) has none; a missing folder is left to the
+    loader's one-sentence error."""
+    from omegaconf import open_dict
+
+    from bench.data import source_files
+
+    found = source_files(cfg.data)
+    if found is None:
+        return
+    root, files = found
+    with open_dict(cfg):
+        cfg.data.fingerprint = fingerprint(root, files)
+
+
 def world_size() -> int:
     """Processes training this run (1 unless a torch.distributed process group is up)."""
     import torch.distributed as dist
@@ -44,8 +102,29 @@ def world_size() -> int:
     return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
 
 
+def without_neutral_additions(config: dict) -> dict:
+    """``config`` without the ``ADDED_OPTIONS`` of its method that sit at their neutral value."""
+    method = config.get("method")
+    if not isinstance(method, dict):
+        return config
+    neutral = ADDED_OPTIONS.get(str(method.get("_target_")), {})
+    kept = {k: v for k, v in method.items() if not (k in neutral and v == neutral[k])}
+    return {**config, "method": kept}
+
+
 def identity_hash(cfg: DictConfig) -> str:
-    blob = json.dumps(identity_config(cfg), sort_keys=True, default=str)
+    blob = json.dumps(without_neutral_additions(identity_config(cfg)), sort_keys=True, default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()[:12]
+
+
+def group_hash(cfg: DictConfig) -> str:
+    """The identity hash with ``seed`` removed: runs that differ only in their seed share it, so a
+    report can put them in one cell and give a mean and an interval over seeds (MLflow tag
+    ``group_hash``; ``reports.collect`` groups by it)."""
+    identity = {k: v for k, v in identity_config(cfg).items() if k != "seed"}
+    if isinstance(identity.get("train"), dict):  # train.seed interpolates ${seed}
+        identity["train"] = {k: v for k, v in identity["train"].items() if k != "seed"}
+    blob = json.dumps(identity, sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:12]
 
 

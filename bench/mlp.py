@@ -12,7 +12,7 @@ import math
 import torch
 from torch import Tensor, nn
 
-from bench.dit import D_EMBEDDINGS, ScalarEmbedder, step_input
+from bench.dit import D_EMBEDDINGS, ScalarEmbedder, default_d_scale, step_input
 
 
 class VelocityMLP(nn.Module):
@@ -25,6 +25,7 @@ class VelocityMLP(nn.Module):
         name: str = "mlp",
         d_embedding: str = "level",  # "linear" and t_scale: as in bench.dit.DiT (MeanFlow)
         t_scale: float = 1000.0,
+        d_scale: float | None = None,  # None: bench.dit.default_d_scale
     ):
         super().__init__()
         if d_embedding not in D_EMBEDDINGS:
@@ -35,7 +36,7 @@ class VelocityMLP(nn.Module):
         dim = math.prod(self.input_shape)
         self.x_in = nn.Linear(dim, hidden)
         self.t_embed = ScalarEmbedder(hidden, scale=t_scale, freq_dim=64)
-        d_scale = 1000.0 / 7 if d_embedding == "level" else t_scale
+        d_scale = default_d_scale(d_embedding, t_scale) if d_scale is None else d_scale
         self.d_embed = ScalarEmbedder(hidden, scale=d_scale, freq_dim=64)
         self.y_embed = nn.Embedding(num_classes + 1, hidden)
         layers: list[nn.Module] = []

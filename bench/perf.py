@@ -18,6 +18,13 @@ backward, gradient sync, clip, AdamW, EMA, after_step), and reports
 * each variant's images/s against the ``baseline`` variant's (naive attention, fp32, no TF32);
 * the operators that take the time in a profiled step.
 
+Rows are timed in rounds (``bench/rounds.py``): on a CPU every row of a size is built first and the
+rows take turns, A B C, A B C, ..., ``iters`` steps per turn, so a burst of load from another
+process falls on every row of a round alike; a row's time is the median over rounds with its spread
+(IQR / median), every ratio is the median of the per-round ratios, and a row or ratio whose spread
+exceeds ``max_spread`` is flagged TOO NOISY. On CUDA (a card to itself, and too little memory to
+keep every DiT-XL row resident) rows run one at a time in the same rounds (``interleave``).
+
 Results go to ``<out>/<device>-<time>.json`` and ``.md``, rewritten after every row (an interrupted
 run keeps what it measured), and with ``record`` into this device kind's section of
 ``<out>/RESULTS.md``. Every number is printed with its protocol; nothing is estimated.
@@ -42,14 +49,29 @@ from bench.build import CONFIG_DIR, make, make_method, pick_device
 from bench.data import Batch
 from bench.errors import EXIT_USER_ERROR, UserError
 from bench.perf_report import FM, SWITCHES, fmt, markdown, protocol, record, summarise
+from bench.rounds import interleave, summary
 from bench.timing import free, host_syncs, peak_memory_gib, profile, timed
 from bench.train import Trainer
 from methods.base import Method, check_budget
 from methods.flow_matching import FlowMatching
 
 DEFAULTS = {  # device type -> values of the keys left null
-    "cpu": {"sizes": ["tiny"], "shape": [1, 16, 16], "batch": 128, "warmup": 3, "iters": 20},
-    "cuda": {"sizes": ["B", "XL"], "shape": [4, 32, 32], "batch": 256, "warmup": 10, "iters": 30},
+    "cpu": {
+        "sizes": ["tiny"],
+        "shape": [1, 16, 16],
+        "batch": 128,
+        "warmup": 3,
+        "iters": 4,
+        "rounds": 7,
+    },
+    "cuda": {
+        "sizes": ["B", "XL"],
+        "shape": [4, 32, 32],
+        "batch": 256,
+        "warmup": 10,
+        "iters": 10,
+        "rounds": 3,
+    },
 }
 VARIANT_KEYS = ("methods", "sample_steps", "warmup", "iters")
 SAMPLE_EVALS = 16  # each sampling budget is repeated until it has made at least this many calls
@@ -171,117 +193,232 @@ def random_batch(n: int, shape, num_classes: int, device: torch.device) -> Batch
     return Batch(torch.randn(n, *shape, device=device), y)
 
 
-def measure_training(cfg, size, v, method_name, batch, shape, device, ctx) -> dict:
-    """One row: the method's training step at this size, variant and batch."""
-    train = train_config(cfg, batch, v)
-    net = build_net(cfg, size, v, shape).to(device)
-    method = build_method(cfg, method_name, train, net).to(device)
-    accel.compile_model(net, v.compile, v.compile_backend)
-    with tempfile.TemporaryDirectory() as run_dir:
-        trainer = Trainer(
-            net=net,
-            method=method,
+def switch(device: torch.device, v: Variant) -> None:
+    """The variant's process-wide switches, set before each of its blocks (rows of different
+    variants take turns in a round)."""
+    accel.configure(device, {"tf32": v.tf32})
+    torch.use_deterministic_algorithms(v.deterministic, warn_only=True)
+
+
+class TrainingRow:
+    """One row, built and warmed up: the method's training step at this size, variant and batch.
+    ``block(round)`` times ``iters`` steps (one round's turn), ``finish(seconds)`` makes the row."""
+
+    def __init__(self, cfg, size, v, method_name, batch, shape, device, ctx):
+        self.size, self.v, self.method_name, self.batch = size, v, method_name, batch
+        self.device, self.ctx = device, ctx
+        switch(device, v)
+        train = train_config(cfg, batch, v)
+        self.net = build_net(cfg, size, v, shape).to(device)
+        self.method = build_method(cfg, method_name, train, self.net).to(device)
+        accel.compile_model(self.net, v.compile, v.compile_backend)
+        self.run_dir = tempfile.TemporaryDirectory()
+        self.trainer = Trainer(
+            net=self.net,
+            method=self.method,
             data=None,
             cfg=train,
-            run_dir=Path(run_dir),
+            run_dir=Path(self.run_dir.name),
             device=device,
             conditional=cfg.num_classes > 0,
             meta={},
         )
-        accel.compile_model(trainer.ema.net, v.compile, v.compile_backend)  # deepcopy dropped it
-        method.begin_stage(0, trainer.nets, trainer.context(), True)
-        net.train()
-        rows = random_batch(batch, shape, cfg.num_classes, device)
-
-        def step(_: int = 0) -> torch.Tensor:  # the timers pass the call's index
-            return trainer.train_step(rows)["loss"]
-
+        accel.compile_model(
+            self.trainer.ema.net, v.compile, v.compile_backend
+        )  # deepcopy dropped it
+        self.method.begin_stage(0, self.trainer.nets, self.trainer.context(), True)
+        self.net.train()
+        self.rows = random_batch(batch, shape, cfg.num_classes, device)
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
-        total = torch.zeros((), device=device)
+        self.total = torch.zeros((), device=device)
+        for _ in range(v.warmup):
+            self.run()
 
-        def run(i: int) -> None:
-            nonlocal total
-            total = total + step(i)
+    def step(self, _: int = 0) -> torch.Tensor:  # the timers pass the call's index
+        return self.trainer.train_step(self.rows)["loss"]
 
-        for i in range(ctx["warmup"]):
-            run(i)
-        seconds = timed(lambda i: run(ctx["warmup"] + i), ctx["iters"], device)
-        finite = bool(torch.isfinite(total))  # the one read-back, after the clock stopped
-        syncs = host_syncs(step, device)
-        ops = profile(step, device) if ctx["profile"] else None
-    fe = float(method.cost().per_sample)
-    flops = 2 * net.gflops() * 1e9 * fe * batch  # multiply-adds x 2
-    ms = seconds / ctx["iters"] * 1e3
-    peak = ctx["peak_tflops"]
-    return {
-        "size": size,
-        "variant": v.name,
-        "method": method_name,
-        "status": "ok" if finite else "non-finite loss",
-        "batch": batch,
-        "teacher": "fresh (timing only)" if getattr(method, "teacher", None) is not None else None,
-        "ms_per_step": ms,
-        "img_per_s": batch / (ms / 1e3),
-        "dit_gflops_per_sample": net.gflops(),
-        "forward_equivalents_per_sample": fe,
-        "train_tflop_per_step": flops / 1e12,
-        "achieved_tflops": flops / 1e12 / (ms / 1e3),
-        "mfu": flops / (ms / 1e3) / (peak * 1e12) if peak else None,
-        "peak_mem_gib": peak_memory_gib(device),
-        "host_syncs_per_step": syncs,
-        "profile": ops,
-    }
+    def run(self, _: int = 0) -> None:
+        self.total = self.total + self.step()
 
+    def block(self, _round: int) -> float:
+        switch(self.device, self.v)
+        return timed(self.run, self.v.iters, self.device)
 
-def measure_sampling(cfg, size, v, batch, shape, device) -> list[dict]:
-    """Euler sampling (``Method.sample``: one network call per step) at each of the variant's
-    budgets, from fixed noise, in the variant's precision."""
-    net = build_net(cfg, size, v, shape).to(device).eval()
-    accel.compile_model(net, v.compile, v.compile_backend)
-    sampler = FlowMatching()  # the base Euler sampler at the flow-matching level
-    x0 = random_batch(batch, shape, cfg.num_classes, device)
-    rows = []
-    with accel.autocast(device, v.precision):
-        for _ in range(2):  # warm-up: compilation, allocator, kernel selection
-            sampler.sample(net, x0.x1, 1, x0.y)
-        for steps in v.sample_steps:
-            reps = max(1, -(-SAMPLE_EVALS // steps))
-            seconds = timed(lambda i, s=steps: sampler.sample(net, x0.x1, s, x0.y), reps, device)
-            ms = seconds / reps * 1e3
-            rows.append(
-                {
-                    "size": size,
-                    "variant": v.name,
-                    "steps": steps,
-                    "batch": batch,
-                    "repeats": reps,
-                    "ms_per_batch": ms,
-                    "img_per_s": batch / (ms / 1e3),
-                }
-            )
-    return rows
+    def finish(self, seconds: list[float]) -> dict:
+        finite = bool(torch.isfinite(self.total))  # the one read-back, after the clocks stopped
+        switch(self.device, self.v)
+        syncs = host_syncs(self.step, self.device)
+        ops = profile(self.step, self.device) if self.ctx["profile"] else None
+        fe = float(self.method.cost().per_sample)
+        gflops = self.net.gflops()
+        flops = 2 * gflops * 1e9 * fe * self.batch  # multiply-adds x 2
+        per_round = [t / self.v.iters * 1e3 for t in seconds]
+        ms = summary(per_round)
+        peak = self.ctx["peak_tflops"]
+        return {
+            "size": self.size,
+            "variant": self.v.name,
+            "method": self.method_name,
+            "status": "ok" if finite else "non-finite loss",
+            "batch": self.batch,
+            "teacher": "fresh (timing only)"
+            if getattr(self.method, "teacher", None) is not None
+            else None,
+            "rounds": ms.n,
+            "round_ms_per_step": per_round,
+            "ms_per_step": ms.median,
+            "spread": ms.spread,
+            "img_per_s": self.batch / (ms.median / 1e3),
+            "dit_gflops_per_sample": gflops,
+            "forward_equivalents_per_sample": fe,
+            "train_tflop_per_step": flops / 1e12,
+            "achieved_tflops": flops / 1e12 / (ms.median / 1e3),
+            "mfu": flops / (ms.median / 1e3) / (peak * 1e12) if peak else None,
+            "peak_mem_gib": peak_memory_gib(self.device),
+            "host_syncs_per_step": syncs,
+            "profile": ops,
+        }
+
+    def close(self) -> None:
+        self.run_dir.cleanup()
 
 
-def measure_row(cfg, size, v, method, batch, shape, device, ctx) -> dict:
-    """``measure_training``, halving the batch on CUDA out-of-memory (``shrink_on_oom``); a
-    failure is recorded in the row's status and the run goes on to the next row."""
+def prepare_row(cfg, size, v, method, batch, shape, device, ctx) -> TrainingRow | dict:
+    """A built and warmed-up ``TrainingRow``, halving the batch on CUDA out-of-memory
+    (``shrink_on_oom``); a failure is the row (its status says why) and the run goes on."""
     while True:
         row = {"size": size, "variant": v.name, "method": method, "batch": batch}
         try:
-            return measure_training(cfg, size, v, method, batch, shape, device, ctx)
+            return TrainingRow(cfg, size, v, method, batch, shape, device, ctx)
         except torch.cuda.OutOfMemoryError:
             pass  # freed below, once the failed attempt's frames are unreachable
         except UserError as e:  # a method that refuses a switch (MeanFlow: checkpointing)
             return {**row, "status": f"refused: {e}"}
         except Exception as e:  # a method that cannot run here (e.g. an op without a kernel)
-            first = str(e).strip().splitlines()[0] if str(e).strip() else ""
-            print(f"  {size} {v.name} {method}: {type(e).__name__}: {first}", file=sys.stderr)
-            return {**row, "status": f"error: {type(e).__name__}: {first}"[:200]}
+            return {**row, "status": error(size, v, method, e)}
         free(device)
         if not cfg.shrink_on_oom or batch == 1:
             return {**row, "status": f"out of memory at batch {batch}"}
         batch //= 2
+
+
+def error(size, v, what, e: BaseException) -> str:
+    first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+    print(f"  {size} {v.name} {what}: {type(e).__name__}: {first}", file=sys.stderr)
+    if isinstance(e, torch.cuda.OutOfMemoryError):
+        return "out of memory during the timed rounds"
+    return f"error: {type(e).__name__}: {first}"[:200]
+
+
+def measure_group(group: list[TrainingRow | dict], rounds: int, device) -> list[dict]:
+    """The rows of ``group`` timed in interleaved rounds (A B C, A B C, ...), then finished."""
+    ready = {i: r for i, r in enumerate(group) if isinstance(r, TrainingRow)}
+    seconds, failed = interleave({i: r.block for i, r in ready.items()}, rounds)
+    out = []
+    for i, r in enumerate(group):
+        if not isinstance(r, TrainingRow):
+            out.append(r)
+            continue
+        if i in failed:
+            row = {"size": r.size, "variant": r.v.name, "method": r.method_name}
+            out.append(
+                {**row, "batch": r.batch, "status": error(r.size, r.v, r.method_name, failed[i])}
+            )
+        else:
+            try:
+                out.append(r.finish(seconds[i]))
+            except Exception as e:  # noqa: BLE001 -- the row says why; the others keep theirs
+                row = {"size": r.size, "variant": r.v.name, "method": r.method_name}
+                out.append(
+                    {**row, "batch": r.batch, "status": error(r.size, r.v, r.method_name, e)}
+                )
+        r.close()
+    return out
+
+
+def measure_training(cfg, size, v, method_name, batch, shape, device, ctx) -> dict:
+    """One row alone: built, warmed up, timed in ``ctx['rounds']`` rounds (default 1), finished."""
+    row = prepare_row(cfg, size, v, method_name, batch, shape, device, ctx)
+    return measure_group([row], int(ctx.get("rounds", 1)), device)[0]
+
+
+class SamplingRows:
+    """Euler sampling (``Method.sample``: one network call per step) at each of a variant's budgets,
+    from fixed noise, in the variant's precision; one timer per budget."""
+
+    def __init__(self, cfg, size, v, batch, shape, device):
+        self.size, self.v, self.batch, self.device = size, v, batch, device
+        switch(device, v)
+        self.net = build_net(cfg, size, v, shape).to(device).eval()
+        accel.compile_model(self.net, v.compile, v.compile_backend)
+        self.sampler = FlowMatching()  # the base Euler sampler at the flow-matching level
+        self.x0 = random_batch(batch, shape, cfg.num_classes, device)
+        for _ in range(2):  # warm-up: compilation, allocator, kernel selection
+            self.sample(1)
+
+    def sample(self, steps: int) -> None:
+        with accel.autocast(self.device, self.v.precision), torch.no_grad():
+            self.sampler.sample(self.net, self.x0.x1, steps, self.x0.y)
+
+    @staticmethod
+    def repeats(steps: int) -> int:
+        return max(1, -(-SAMPLE_EVALS // steps))
+
+    def timers(self) -> dict:
+        def block(steps: int):
+            def run(_round: int) -> float:
+                switch(self.device, self.v)
+                return timed(lambda i: self.sample(steps), self.repeats(steps), self.device)
+
+            return run
+
+        return {(self.size, self.v.name, s): block(s) for s in self.v.sample_steps}
+
+    def finish(self, steps: int, seconds: list[float]) -> dict:
+        per_round = [t / self.repeats(steps) * 1e3 for t in seconds]
+        ms = summary(per_round)
+        return {
+            "size": self.size,
+            "variant": self.v.name,
+            "steps": steps,
+            "batch": self.batch,
+            "repeats": self.repeats(steps),
+            "rounds": ms.n,
+            "round_ms_per_batch": per_round,
+            "ms_per_batch": ms.median,
+            "spread": ms.spread,
+            "img_per_s": self.batch / (ms.median / 1e3),
+        }
+
+
+def measure_sampling(cfg, size, vs, batch, shape, device, rounds, interleaved) -> list[dict]:
+    """Every sampling budget of every variant at this size; interleaved: all in the same rounds."""
+    groups = [vs] if interleaved else [[v] for v in vs]
+    out = []
+    for group in groups:
+        samplers, timers = [], {}
+        for v in group:
+            if not v.sample_steps:
+                continue
+            try:
+                s = SamplingRows(cfg, size, v, batch, shape, device)
+            except torch.cuda.OutOfMemoryError:
+                print(f"  {size} {v.name}: sampling ran out of memory", flush=True)
+                continue
+            samplers.append(s)
+            timers.update(s.timers())
+        seconds, failed = interleave(timers, rounds)
+        for key in failed:
+            print(f"  {key[0]} {key[1]} {key[2]} steps: sampling failed: {failed[key]}", flush=True)
+        for s in samplers:
+            for steps in s.v.sample_steps:
+                key = (s.size, s.v.name, steps)
+                if key not in failed:
+                    out.append(s.finish(steps, seconds[key]))
+        del samplers, timers
+        free(device)
+    return out
 
 
 # -- the run ---------------------------------------------------------------------------------------
@@ -292,9 +429,16 @@ def run(cfg: DictConfig) -> dict:
     d = DEFAULTS[device.type]
     val = lambda k: d[k] if cfg.get(k) is None else cfg[k]  # noqa: E731
     sizes, shape, batch = list(val("sizes")), list(val("shape")), int(val("batch"))
-    warmup, iters = int(val("warmup")), int(val("iters"))
-    if iters < 1 or warmup < 0 or batch < 1:
-        raise UserError(f"iters={iters}, warmup={warmup}, batch={batch}: need >= 1, >= 0, >= 1")
+    warmup, iters, rounds = int(val("warmup")), int(val("iters")), int(val("rounds"))
+    if iters < 1 or warmup < 0 or batch < 1 or rounds < 1:
+        raise UserError(
+            f"iters={iters}, warmup={warmup}, batch={batch}, rounds={rounds}: "
+            "need >= 1, >= 0, >= 1, >= 1"
+        )
+    if cfg.interleave not in ("auto", True, False):
+        raise UserError(f"interleave={cfg.interleave!r} is not allowed; choose auto, true or false")
+    interleaved = device.type == "cpu" if cfg.interleave == "auto" else bool(cfg.interleave)
+    max_spread = float(cfg.max_spread)
     methods = list(cfg.methods) if cfg.methods else options("method")
     for name in methods + list(cfg.profile or []):
         load("method", name)
@@ -307,7 +451,8 @@ def run(cfg: DictConfig) -> dict:
     sample_batch = int(cfg.sample_batch or batch)
     out = Path(cfg.out)
     report = {
-        "protocol": protocol(device, cfg, shape, batch, sample_batch, warmup, iters),
+        "protocol": protocol(device, cfg, shape, batch, sample_batch, warmup, iters)
+        | {"rounds": rounds, "interleaved": interleaved, "max_spread": max_spread},
         "variants": [asdict(v) for v in vs],
         "train": [],
         "sampling": [],
@@ -328,31 +473,35 @@ def run(cfg: DictConfig) -> dict:
             record(out / "RESULTS.md", device.type, md, stem)
 
     print(f"bench.perf on {name}: results in {out / stem}.json / .md", flush=True)
+    print(
+        f"  {rounds} rounds{', interleaved (A B C, A B C, ...)' if interleaved else ''}",
+        flush=True,
+    )
     for size in sizes:
-        for vi, v in enumerate(vs):
-            accel.configure(device, {"tf32": v.tf32})
-            torch.use_deterministic_algorithms(v.deterministic, warn_only=True)
-            for m in v.methods:
+        specs = [(vi, v, m) for vi, v in enumerate(vs) for m in v.methods]
+        groups = [specs] if interleaved else [[s] for s in specs]
+        for group in groups:
+            prepared = []
+            for vi, v, m in group:
                 ctx = {"warmup": v.warmup, "iters": v.iters, "peak_tflops": peak}
                 ctx["profile"] = vi == 0 and m in list(cfg.profile or [])
-                row = measure_row(cfg, size, v, m, batch, shape, device, ctx)
+                prepared.append(prepare_row(cfg, size, v, m, batch, shape, device, ctx))
+            rows = measure_group(prepared, rounds, device)
+            del prepared
+            free(device)
+            for row in rows:
                 report["train"].append(row)
-                free(device)
-                save()
                 print(
-                    f"  {size:>5} {v.name:>10} {m:>26}: batch {row['batch']}, "
-                    f"{fmt(row.get('ms_per_step'), '.1f')} ms/step, {row['status']}",
+                    f"  {size:>5} {row['variant']:>10} {row['method']:>26}: batch {row['batch']}, "
+                    f"{fmt(row.get('ms_per_step'), '.1f')} ms/step "
+                    f"(spread {fmt(row.get('spread'), '.1%')}), {row['status']}",
                     flush=True,
                 )
-            if v.sample_steps:
-                try:
-                    report["sampling"] += measure_sampling(
-                        cfg, size, v, sample_batch, shape, device
-                    )
-                except torch.cuda.OutOfMemoryError:
-                    print(f"  {size} {v.name}: sampling ran out of memory", flush=True)
-                free(device)
-                save()
+            save()
+        report["sampling"] += measure_sampling(
+            cfg, size, vs, sample_batch, shape, device, rounds, interleaved
+        )
+        save()
     torch.use_deterministic_algorithms(False)
     save()
     print(markdown(report), flush=True)

@@ -18,6 +18,8 @@ from pathlib import Path
 
 import torch
 
+from bench.rounds import paired_ratio
+
 FM = "flow_matching"
 BASELINE = "baseline"  # the variant the speedup column compares with
 #: dense (no sparsity) bf16 tensor-core peak in TFLOP/s, NVIDIA data sheets; the first entry whose
@@ -43,11 +45,23 @@ SWITCHES = (
 
 
 # -- summary ---------------------------------------------------------------------------------------
+def paired(a: dict, b: dict, key: str, invert: bool = False) -> tuple[float, float] | None:
+    """Median and spread of the per-round ratios a/b of ``key`` (rounds timed together: see
+    bench/rounds.py); ``invert`` gives b/a. None when the rows have no paired rounds."""
+    xs, ys = a.get(key), b.get(key)
+    if not xs or not ys or len(xs) != len(ys):
+        return None
+    s = paired_ratio(ys, xs) if invert else paired_ratio(xs, ys)
+    return s.median, s.spread
+
+
 def summarise(report: dict) -> None:
     """Each method against flow matching in the same size, variant and batch (FLOPs and time);
     each variant's images/s against the ``baseline`` variant's for the same size and method (the
     baseline's batch may have shrunk on out-of-memory: both batches are shown); sampling speed
-    against 128 steps."""
+    against 128 steps. Every time ratio is the median of per-round ratios (paired rounds), with
+    its spread; a row or ratio whose spread exceeds ``max_spread`` is flagged ``noisy``."""
+    limit = report["protocol"].get("max_spread", float("inf"))
     rows = [r for r in report["train"] if r["status"] == "ok"]
     index = {(r["size"], r["variant"], r["method"], r["batch"]): r for r in rows}
     baseline = {(r["size"], r["method"]): r for r in rows if r["variant"] == BASELINE}
@@ -55,54 +69,94 @@ def summarise(report: dict) -> None:
         fm = index.get((r["size"], r["variant"], FM, r["batch"]))
         base = baseline.get((r["size"], r["method"]))
         r["flop_ratio_vs_fm"] = fm and r["train_tflop_per_step"] / fm["train_tflop_per_step"]
-        r["time_ratio_vs_fm"] = fm and r["ms_per_step"] / fm["ms_per_step"]
-        r["speedup_vs_baseline"] = base and r["img_per_s"] / base["img_per_s"]
+        ratio = fm and paired(r, fm, "round_ms_per_step")
+        r["time_ratio_vs_fm"], r["time_ratio_spread"] = ratio or (None, None)
+        # images/s ratio per round: (batch_r / t_r) / (batch_b / t_b)
+        up = base and paired(r, base, "round_ms_per_step", invert=True)
+        scale = base and r["batch"] / base["batch"]
+        r["speedup_vs_baseline"] = up and up[0] * scale
+        r["speedup_spread"] = up and up[1]
         r["baseline_batch"] = base and base["batch"]
+        r["noisy"] = any(
+            x is not None and x > limit
+            for x in (r.get("spread"), r["time_ratio_spread"], r["speedup_spread"])
+        )
     at_128 = {(s["size"], s["variant"]): s for s in report["sampling"] if s["steps"] == 128}
     for r in report["sampling"]:
         ref = at_128.get((r["size"], r["variant"]))
-        r["speed_vs_128_steps"] = ref and r["img_per_s"] / ref["img_per_s"]
+        speed = ref and paired(r, ref, "round_ms_per_batch", invert=True)
+        r["speed_vs_128_steps"], r["speed_spread"] = speed or (None, None)
+        r["noisy"] = any(x is not None and x > limit for x in (r.get("spread"), r["speed_spread"]))
 
 
 def fmt(x, spec: str = ".3g", none: str = "n/a") -> str:
     return none if x is None else format(x, spec)
 
 
-def speedup(r: dict) -> str:
+def spread(x, limit: float) -> str:
+    """A spread (IQR / median over rounds) as a percentage, flagged when too wide to trust."""
+    if x is None:
+        return "n/a"
+    return f"{x:.1%}" + (" TOO NOISY" if x > limit else "")
+
+
+def ratio(x, s, limit: float, spec: str = ".3f") -> str:
+    return "n/a" if x is None else f"{x:{spec}} ({spread(s, limit)})"
+
+
+def speedup(r: dict, limit: float) -> str:
     x = r.get("speedup_vs_baseline")
     if x is None:
         return "n/a"
     same = r["baseline_batch"] == r["batch"]
-    return f"{x:.2f}x" + ("" if same else f" (baseline at batch {r['baseline_batch']})")
+    return ratio(x, r.get("speedup_spread"), limit, ".2f").replace(" (", "x (", 1) + (
+        "" if same else f" (baseline at batch {r['baseline_batch']})"
+    )
 
 
 def markdown(report: dict) -> str:
     p = report["protocol"]
+    limit = p.get("max_spread", float("inf"))
+    rounds = (
+        f"{p['rounds']} rounds of {p['iters']} timed steps per row"
+        + (
+            ", rows interleaved (A B C, A B C, ...)"
+            if p.get("interleaved")
+            else ", one row at a time"
+        )
+        if "rounds" in p
+        else f"{p['iters']} timed steps"
+    )
     lines = [
         f"### {p['device_name']} ({p['device_kind']}) -- {p['started']}",
         "",
         f"Protocol: torch {p['torch']}{' CUDA ' + p['cuda'] if p['cuda'] else ''}, "
         f"{p['threads']} threads ({p['cpu_count']} CPUs), input {'x'.join(map(str, p['shape']))}, "
-        f"batch {p['batch']}, {p['warmup']} warm-up + {p['iters']} timed steps, recipe "
+        f"batch {p['batch']}, {p['warmup']} warm-up steps + {rounds}, recipe "
         f"train={p['train']}, num_classes={p['num_classes']}, git {p['git']}; {p['timing']}; "
         f"data: {p['data']}. Command: `{p['command']}`.",
         f"MFU: {p['mfu']}. Peak memory: {p['memory']}.",
         "",
-        "Training step (loss + backward + AdamW + EMA). FLOP ratio = DiT.gflops x Method.cost "
-        "against flow matching at the same batch; time ratio = measured, same variant and batch; "
-        "img/s vs baseline = this row's images/s over the `baseline` variant's (naive attention, "
-        "fp32) for the same size and method.",
+        "Training step (loss + backward + AdamW + EMA). ms/step = median over rounds; spread = "
+        "interquartile range over rounds / median. FLOP ratio = DiT.gflops x Method.cost "
+        "against flow matching at the same batch; time ratio = measured, same variant and batch, "
+        "the median of the per-round ratios (its spread in brackets); img/s vs baseline = this "
+        "row's images/s over the `baseline` variant's (naive attention, fp32) for the same size "
+        f"and method, paired the same way. TOO NOISY: spread above {limit:.0%}, do not trust.",
         "",
-        "| size | variant | method | batch | ms/step | img/s | TFLOP/step | FLOP ratio vs FM "
-        "| time ratio vs FM | img/s vs baseline | MFU | peak mem GiB | host syncs/step | status |",
-        "|" + " --- |" * 14,
+        "| size | variant | method | batch | ms/step | spread | img/s | TFLOP/step "
+        "| FLOP ratio vs FM | time ratio vs FM | img/s vs baseline | MFU | peak mem GiB "
+        "| host syncs/step | status |",
+        "|" + " --- |" * 15,
     ]
     for r in report["train"]:
         lines.append(
             f"| {r['size']} | {r['variant']} | {r['method']} | {r['batch']} "
-            f"| {fmt(r.get('ms_per_step'), '.1f')} | {fmt(r.get('img_per_s'), '.1f')} "
+            f"| {fmt(r.get('ms_per_step'), '.1f')} | {spread(r.get('spread'), limit)} "
+            f"| {fmt(r.get('img_per_s'), '.1f')} "
             f"| {fmt(r.get('train_tflop_per_step'), '.4g')} | {fmt(r.get('flop_ratio_vs_fm'), '.3f')} "
-            f"| {fmt(r.get('time_ratio_vs_fm'), '.3f')} | {speedup(r)} "
+            f"| {ratio(r.get('time_ratio_vs_fm'), r.get('time_ratio_spread'), limit)} "
+            f"| {speedup(r, limit)} "
             f"| {fmt(r.get('mfu'), '.1%', 'not reported')} | {fmt(r.get('peak_mem_gib'), '.2f')} "
             f"| {fmt(r.get('host_syncs_per_step'), 'd')} | {r['status']} |"
         )
@@ -117,15 +171,26 @@ def markdown(report: dict) -> str:
         "",
         "Sampling (Euler, methods.base.Method.sample, one network call per step, fixed noise):",
         "",
-        "| size | variant | steps | batch | ms/batch | img/s | speed vs 128 steps |",
-        "|" + " --- |" * 7,
+        "| size | variant | steps | batch | ms/batch | spread | img/s | speed vs 128 steps |",
+        "|" + " --- |" * 8,
     ]
     for r in report["sampling"]:
         lines.append(
             f"| {r['size']} | {r['variant']} | {r['steps']} | {r['batch']} "
-            f"| {fmt(r['ms_per_batch'], '.1f')} | {fmt(r['img_per_s'], '.1f')} "
-            f"| {fmt(r.get('speed_vs_128_steps'), '.1f')} |"
+            f"| {fmt(r['ms_per_batch'], '.1f')} | {spread(r.get('spread'), limit)} "
+            f"| {fmt(r['img_per_s'], '.1f')} "
+            f"| {ratio(r.get('speed_vs_128_steps'), r.get('speed_spread'), limit, '.1f')} |"
         )
+    noisy = [r for r in report["train"] + report["sampling"] if r.get("noisy")]
+    if noisy:
+        names = "; ".join(
+            f"{r['size']} {r['variant']} {r.get('method') or str(r['steps']) + '-step sampling'}"
+            for r in noisy
+        )
+        lines += [
+            "",
+            f"Too noisy to trust (a spread above {limit:.0%}; rerun on an idle machine): {names}.",
+        ]
     profiled = [r for r in report["train"] if r.get("profile")]
     for r in profiled:
         lines += [

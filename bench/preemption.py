@@ -1,7 +1,7 @@
 """Stop signals: a scheduler's warning that the job will be killed becomes a clean stop.
 
 SLURM, submitit and most schedulers send SIGUSR1, SIGUSR2 or SIGTERM some time before they kill
-a job. ``Preemption`` turns them into a request that the watching loop (a training step, an
+a job; Ctrl-C (SIGINT) is treated the same way (a second Ctrl-C stops at once). ``Preemption`` turns them into a request that the watching loop (a training step, an
 evaluation budget) acts on at its next boundary: save what a rerun needs, raise ``Preempted``.
 ``bench.run`` then marks the run KILLED (``bench.record``) and exits 3, and the same command
 resumes it. A signal that arrives while no loop watches has the effect it would have had without
@@ -19,17 +19,17 @@ import threading
 class Preempted(RuntimeError):
     """A stop signal arrived; what the next start needs to resume is saved."""
 
-    def __init__(self, signal_name: str, step: int, saved: str):
+    def __init__(self, signal_name: str, step: int | None, saved: str):
+        when = "during the set-up" if step is None else f"at step {step}"
         super().__init__(
-            f"preempted by {signal_name} at step {step}; {saved}; "
-            "run the same command again to resume"
+            f"preempted by {signal_name} {when}; {saved}; run the same command again to resume"
         )
-        self.signal_name, self.step = signal_name, step
+        self.signal_name, self.step, self.when = signal_name, step, when
 
 
 class Preemption:
     """``with Preemption() as p:`` turns SIGUSR1, SIGUSR2 and SIGTERM (what SLURM, submitit and most
-    schedulers send before they kill a job) into a request to stop. The handler only records the
+    schedulers send before they kill a job) and SIGINT (Ctrl-C) into a request to stop. The handler only records the
     signal -- no I/O inside a handler; the trainer checks ``p.requested`` after each optimizer step.
     Handlers are installed only in the main thread (Python allows no other) and restored on exit.
 
@@ -38,7 +38,9 @@ class Preemption:
     job at its time limit saves first and is requeued second."""
 
     SIGNALS = tuple(
-        getattr(signal, n) for n in ("SIGUSR1", "SIGUSR2", "SIGTERM") if hasattr(signal, n)
+        getattr(signal, n)
+        for n in ("SIGUSR1", "SIGUSR2", "SIGTERM", "SIGINT")
+        if hasattr(signal, n)
     )
 
     def __init__(self, signals: tuple[int, ...] = SIGNALS):
@@ -48,6 +50,8 @@ class Preemption:
         self._previous: dict[int, object] = {}
 
     def _handle(self, signum, frame) -> None:
+        if self.armed and signum == signal.SIGINT and self.signum == signal.SIGINT:
+            raise KeyboardInterrupt  # Ctrl-C twice: stop now, without waiting for the step
         if self.armed:
             self.signum = signum  # acted on at the end of the step / budget
         else:  # no loop is watching (setup, a teacher's evaluation): what would have happened
@@ -89,6 +93,12 @@ class Preemption:
         for s, previous in self._previous.items():  # None: installed outside Python
             signal.signal(s, signal.SIG_DFL if previous is None else previous)
         # _previous is kept: ``forward`` runs after the ``with`` block has restored the handlers.
+
+    def check(self, step: int | None, saved: str) -> None:
+        """Raise ``Preempted`` now if a stop signal has arrived (at a boundary with nothing new
+        to save: before the run is opened, the start of training)."""
+        if self.requested:
+            raise Preempted(self.signal_name, step, saved)
 
     def forward(self) -> None:
         """Hand the recorded signal to the Python handler that was installed before ours, if any

@@ -33,10 +33,11 @@ from pathlib import Path
 from omegaconf import DictConfig, OmegaConf
 
 from bench import distributed as ddp
+from bench.checkpoint import write_error
 from bench.errors import UserError
 from bench.identity import identity_config, identity_hash
 from bench.preemption import Preempted
-from bench.train import DivergenceError
+from bench.train import CHECKPOINT, DivergenceError
 
 log = logging.getLogger(__name__)
 STATE = "state.json"
@@ -44,13 +45,29 @@ CODE_ROOT = Path(__file__).resolve().parents[1]
 MAX_REASON = 1000  # characters of an error kept in the ``failure`` tag
 
 
-def read_state(run_dir: Path) -> dict:
-    """A run directory's ``state.json`` (empty when missing or cut short)."""
+def load_state(run_dir: Path) -> tuple[dict, str | None]:
+    """A run directory's ``state.json`` and what is wrong with it: ``({}, None)`` when there is
+    none; ``({}, reason)`` when it is cut short, not JSON, not an object, or names its MLflow run
+    with something other than a string (garbage is never half-trusted)."""
     path = Path(run_dir) / STATE
+    if not path.exists():
+        return {}, None
     try:
-        return json.loads(path.read_text()) if path.exists() else {}
-    except json.JSONDecodeError:
-        return {}
+        state = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        return {}, f"unreadable ({type(e).__name__})"
+    if not isinstance(state, dict):
+        return {}, f"a JSON {type(state).__name__}, not an object"
+    if not isinstance(state.get("mlflow_run_id", ""), str) or not isinstance(
+        state.get("status", ""), str
+    ):
+        return {}, "holding a run id or status that is not a string"
+    return state, None
+
+
+def read_state(run_dir: Path) -> dict:
+    """A run directory's ``state.json`` (empty when missing or damaged: ``load_state``)."""
+    return load_state(run_dir)[0]
 
 
 def _git(root: Path, *args: str) -> str:
@@ -76,9 +93,10 @@ class RunRecord:
 
     def __init__(self, run_dir: Path):
         self.dir = Path(run_dir)
-        self.state = read_state(self.dir)
+        self.state, self.damage = load_state(self.dir)
         self.tracker = None  # bench.track.Tracker, once ``open`` has reached the store
         self.ended = False  # a status transition ended the MLflow run
+        self.was_finished = False  # FINISHED when this start opened it: an error keeps it so
 
     @property
     def status(self) -> str:
@@ -87,7 +105,14 @@ class RunRecord:
     def save(self) -> None:
         path = self.dir / STATE
         tmp = path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(self.state, indent=1, sort_keys=True))
+        try:
+            tmp.write_text(json.dumps(self.state, indent=1, sort_keys=True))
+        except OSError as e:  # a full disk: the last whole state.json stays
+            tmp.unlink(missing_ok=True)
+            raise UserError(
+                f"cannot write {path} ({write_error(e, self.dir)}); the previous one is kept: "
+                "free space, then run the same command again"
+            ) from e
         os.replace(tmp, path)
 
     # -- opening ------------------------------------------------------------------------------
@@ -103,20 +128,42 @@ class RunRecord:
             )
         identity = identity_hash(cfg)
         uri, experiment = cfg.tracking.uri, cfg.tracking.experiment
-        self.tracker = Tracker(uri, experiment, self.state.get("mlflow_run_id"), self.dir.name)
+        run_id = self.state.get("mlflow_run_id")
+        # No run id, but this directory has a past (a damaged state.json, or a checkpoint whose
+        # state.json was lost): find its MLflow run by the identity in its tags instead of
+        # silently opening a second run for one identity.
+        recover = None
+        if run_id is None and (self.damage or (self.dir / CHECKPOINT).exists()):
+            recover = {"config_hash": identity, "run_dir": str(self.dir.resolve())}
+        self.tracker = Tracker(uri, experiment, run_id, self.dir.name, recover, identity)
+        if recover is not None:
+            what = f"{STATE} is {self.damage}" if self.damage else f"{STATE} is missing"
+            found = (
+                f"continuing MLflow run {self.tracker.run_id} ({self.tracker.recovered}), found "
+                f"by config_hash={identity}; its evaluations are measured again"
+                if self.tracker.recovered
+                else f"no MLflow run with config_hash={identity} for it in the store: a new one"
+            )
+            print(f"{self.dir.name}: {what}; {found}", flush=True)
+        self.was_finished = (
+            self.status == "finished" or self.tracker.recovered == "FINISHED"
+        ) and self.tracker.resumed
         self.ended = False
         with self:  # from here on a failure ends the MLflow run with its reason
             self.dir.mkdir(parents=True, exist_ok=True)
             self.state.update(
                 mlflow_run_id=self.tracker.run_id, status="running", identity=identity
             )
-            for ended in ("preempted", "failure"):  # what the last start ended with
+            for ended in ("preempted", "failure", "last_error"):  # how the last start ended
                 self.state.pop(ended, None)
             self.save()
             # The resolved config, secrets redacted (it is logged as an artifact).
             config = OmegaConf.create(redact(OmegaConf.to_container(cfg, resolve=True)))
             OmegaConf.save(config, self.dir / "config.yaml")
-            self.tracker.log_params(flatten(identity_config(cfg, effective=False)))
+            # recipe: shared | official (sweeps/recipe/); its settings are in the params already
+            recipe = str(cfg.get("recipe") or "shared")
+            params = flatten(identity_config(cfg, effective=False))
+            self.tracker.log_params({**params, "recipe": recipe})
             self.tags(
                 {
                     **standard_tags(cfg, identity, net_name, device),
@@ -124,6 +171,7 @@ class RunRecord:
                     # Not part of the identity: W processes train what one does with grad_accum x W.
                     "world_size": str(world.size),
                     "compute_budget": str(cfg.get("compute_budget")),
+                    "recipe": recipe,
                 }
             )
             if not self.tracker.resumed:
@@ -165,7 +213,7 @@ class RunRecord:
     def preempted(self, e: Preempted) -> None:
         """KILLED in MLflow -- neither FINISHED nor left looking RUNNING -- and ``preempted`` in
         state.json; the next start resumes the run and sets it RUNNING again."""
-        tags = {"preempted": f"{e.signal_name} at step {e.step}"}
+        tags = {"preempted": f"{e.signal_name} {e.when}"}
         self._end("preempted", "KILLED", tags, preempted=str(e))
 
     def interrupted(self, e: BaseException) -> None:
@@ -175,6 +223,12 @@ class RunRecord:
 
     def _end(self, status: str, mlflow_status: str, tags: dict[str, str], **fields) -> None:
         self.ended = True
+        if self.was_finished and status != "finished":
+            # A finished run that was only re-evaluated (or re-checked) keeps its status: its
+            # training and stored numbers are whole; the error is kept as ``last_error``.
+            reason = tags.get("failure") or tags.get("preempted") or status
+            status, mlflow_status = "finished", "FINISHED"
+            tags, fields = {"last_error": reason[:MAX_REASON]}, {"last_error": reason}
         self.state.update(status=status, **fields)
         try:
             self.save()
@@ -241,4 +295,5 @@ class RunRecord:
         """One evaluated budget, saved at once: a crash mid-evaluation keeps those done."""
         self.state.setdefault("evaluated", {}).setdefault(key, {})[str(steps)] = metrics
         self.state.setdefault("protocols", {})[key] = settings
+        self.state.setdefault("latest", {})[str(steps)] = key  # what the tracking run shows
         self.save()

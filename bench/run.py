@@ -10,19 +10,24 @@ A job is three phases, each owned by one module: training (``bench.train.Trainer
 the MLflow run). A job's identity (``bench.identity``) names its run directory and its MLflow run,
 so running the same command again resumes training from the last checkpoint, continues the same
 MLflow run, and evaluates only the budgets missing under the current evaluation protocol. Bad
-input is one sentence on stderr and exit 2. SIGUSR1/SIGTERM end the current training step (or
-evaluation budget), save what a rerun needs, mark the MLflow run KILLED and exit 3; any other
-error after the MLflow run is opened marks it FAILED with the reason (docs/FAILURES.md).
+input is one sentence on stderr and exit 2. SIGUSR1/SIGTERM/SIGINT end the current training step
+(or evaluation budget, or the set-up), save what a rerun needs, mark the MLflow run KILLED and
+exit 3; any other error after the MLflow run is opened marks it FAILED with the reason
+(docs/FAILURES.md).
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
+import os
 import sys
+from pathlib import Path
 
 import hydra
 from omegaconf import DictConfig
 
+from bench import checkpoint, schema, shard
 from bench import distributed as ddp
 from bench.budget import training_budget
 from bench.build import (
@@ -35,12 +40,13 @@ from bench.build import (
     prepare,
     resolve_teacher,
 )
-from bench.errors import EXIT_PREEMPTED, EXIT_USER_ERROR, UserError
-from bench.identity import identity_hash, run_dir, short_name
+from bench.errors import EXIT_INTERRUPTED, EXIT_PREEMPTED, EXIT_USER_ERROR, UserError
+from bench.identity import identity_hash, pin_data, run_dir, short_name
+from bench.lock import RunLock
 from bench.objective import check_objective, objective_value, sweeper_choice
 from bench.preemption import Preempted, Preemption
 from bench.record import RunRecord
-from bench.train import DivergenceError, Trainer
+from bench.train import CHECKPOINT, DivergenceError, Trainer
 
 
 # -- input checks that must happen before Hydra composes anything ----------------------------------
@@ -78,33 +84,103 @@ def check_choices(argv: list[str]) -> None:
                 raise UserError(f"unknown {group} {v!r}; choose one of: {', '.join(known)}")
 
 
+def hide_secrets(argv: list[str]) -> list[str]:
+    """``argv`` with every command-line secret (a secret-named key, or a URI with userinfo such
+    as ``tracking.uri=http://user:pw@host``) moved into this process's environment and replaced
+    by an ``${oc.env:...}`` interpolation. Hydra writes the command line and the composed config
+    to its own output folder (``.hydra/overrides.yaml``, ``config.yaml``, ``hydra.yaml``,
+    ``multirun.yaml``) before any job code runs: this way it writes the interpolation, never the
+    secret, while the job -- and subprocesses it launches, which inherit the environment --
+    resolves the real value. Our own records redact it as well (``bench.track.redact``)."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    from bench.track import has_secret
+
+    parser, out = OverridesParser.create(), []
+    for i, arg in enumerate(argv):
+        if "=" not in arg or arg.startswith("-"):
+            out.append(arg)
+            continue
+        try:
+            (o,) = parser.parse_overrides([arg])
+        except Exception:  # check_choices reports it in one sentence
+            out.append(arg)
+            continue
+        value = None if o.is_sweep_override() or o.is_delete() else o.value()
+        if not isinstance(value, str | int | float) or not has_secret(o.key_or_group, value):
+            out.append(arg)
+            continue
+        name = f"FEWSTEP_SECRET_{i}"
+        os.environ[name] = str(value)
+        out.append(f"{arg.split('=', 1)[0]}=${{oc.env:{name}}}")
+    return out
+
+
 # -- the job ---------------------------------------------------------------------------------------
 def job(
     cfg: DictConfig, preemption: Preemption | None = None, world: ddp.World = ddp.SINGLE
 ) -> float | None:
     """One job. ``preemption`` (installed by ``main``) carries stop signals to the training loop
     and the evaluation loop; without it a signal has its default effect. Under DDP (``world``,
-    bench.distributed) every process trains; rank 0 alone records and evaluates."""
+    bench.distributed) every process trains and samples its share of the evaluation
+    (bench.shard); rank 0 alone computes the metrics and records."""
+    schema.check(cfg)  # every train/eval/data key, before anything exists (bench/schema.py)
+    pin_data(cfg)  # the data's content is part of the identity (bench/identity.py)
     apply_compute_budget(cfg)  # before the identity: the derived steps are part of it
     parts = prepare(cfg, world)
     if not world.main:
         ddp.main_ready(world)  # rank 0 has opened the run (or failed to)
-        train(cfg, parts, None, preemption, world)
+        trainer = train(cfg, parts, None, preemption, world)
+        # Evaluation: this rank samples its share of each budget rank 0 announces (bench.shard).
+        evaluator = make_evaluator(cfg, parts.data, parts.device, parts.conditional, world)
+        net = trainer.nets.ema if evaluator.weights == "ema" else trainer.nets.online
+        net.eval()
+        shard.follow(lambda steps: evaluator.sample(parts.method, net, steps), world)
         return None
 
     record = RunRecord(run_dir(cfg))
-    try:
-        evaluator = make_evaluator(cfg, parts.data, parts.device, parts.conditional)
-        record.open(cfg, parts.net.name, parts.device, world)
-    except BaseException:
-        ddp.main_ready(world, failed=True)
-        raise
-    with record:  # from here on any error ends the MLflow run FAILED (KILLED) with its reason
-        ddp.main_ready(world)  # the other ranks may start
-        trainer = train(cfg, parts, record, preemption, world)
-        results = evaluator.run(parts.method, trainer.nets, record, preemption, trainer.step)
-        record.finished()
+    with contextlib.ExitStack() as held:
+        # From the lock on, a stop signal (SIGTERM, SIGINT, ...) is only recorded, and acted on at
+        # the next boundary (the start of training, a step, a budget): the run ends KILLED with
+        # one sentence, never killed mid-set-up and left RUNNING.
+        if preemption is not None:
+            held.enter_context(preemption.watching())
+        try:
+            evaluator = make_evaluator(cfg, parts.data, parts.device, parts.conditional, world)
+            held.enter_context(RunLock(record.dir))  # one job per run directory at a time
+            # A damaged checkpoint is refused before the MLflow run is touched: a FINISHED run
+            # stays FINISHED (the checkpoint is read once, here, and handed to the trainer).
+            saved = load_checkpoint(record.dir / CHECKPOINT, checkpoint_meta(cfg, parts))
+            if preemption is not None:  # a signal so far: stop before a run is even opened
+                preemption.check(None, "no run was opened")
+            record.open(cfg, parts.net.name, parts.device, world)
+        except BaseException:
+            ddp.main_ready(world, failed=True)
+            raise
+        with record:  # from here on any error ends the MLflow run FAILED (KILLED) with its reason
+            ddp.main_ready(world)  # the other ranks may start
+            trainer = train(cfg, parts, record, preemption, world, saved)
+            results = evaluator.run(parts.method, trainer.nets, record, preemption, trainer.step)
+            record.finished()
     return objective_value(cfg, results)
+
+
+def checkpoint_meta(cfg: DictConfig, parts: Parts) -> dict:
+    """What a checkpoint of this job records, and what a checkpoint it resumes must match."""
+    return {
+        "identity": identity_hash(cfg),
+        "model": parts.net.name,
+        "input_shape": list(parts.data.shape),
+        "num_classes": int(parts.net.num_classes),
+        "method": short_name(cfg.method._target_),
+        "embedding": embedding_of(parts.net),  # how a teacher built from it must embed t, d
+    }
+
+
+def load_checkpoint(path: Path, meta: dict) -> dict | None:
+    """The run's last checkpoint, checked against ``meta`` (None when there is none yet)."""
+    checkpoint.remove_stale_temporaries(path)
+    return checkpoint.load(path, meta) if path.exists() else None
 
 
 def train(
@@ -113,6 +189,7 @@ def train(
     record: RunRecord | None,
     preemption: Preemption | None,
     world: ddp.World,
+    saved: dict | None = None,
 ) -> Trainer:
     """The training phase, on every process: the teacher (trained first when it must be), then
     training from the last checkpoint to ``train.steps``. Rank 0, which holds the ``record``,
@@ -120,14 +197,7 @@ def train(
     tracking and no files (they read the checkpoint rank 0 wrote to resume)."""
     teacher_job = functools.partial(job, preemption=preemption, world=world)
     teacher = resolve_teacher(cfg, parts.method, parts.net, teacher_job, world)
-    meta = {
-        "identity": identity_hash(cfg),
-        "model": parts.net.name,
-        "input_shape": list(parts.data.shape),
-        "num_classes": int(parts.net.num_classes),
-        "method": short_name(cfg.method._target_),
-        "embedding": embedding_of(parts.net),  # how a teacher built from it must embed t, d
-    }
+    meta = checkpoint_meta(cfg, parts)
     trainer = Trainer(
         parts.net,
         parts.method,
@@ -141,7 +211,12 @@ def train(
         preemption,
         world,
     )
-    resumed = trainer.resume()
+    if cfg.eval.get("every"):  # evaluation during training: curves (bench.curves)
+        from bench.curves import Curves
+
+        tracker = record.tracker if record is not None else None
+        trainer.hooks.append(Curves(cfg, parts, run_dir(cfg), tracker, world))
+    resumed = trainer.resume(saved)
     if record is None:
         try:
             trainer.fit()
@@ -187,6 +262,14 @@ def main(cfg: DictConfig) -> float | None:
         # the checkpoint is saved; anywhere else this is a no-op and we exit 3.
         preemption.forward()
         sys.exit(EXIT_PREEMPTED)
+    except KeyboardInterrupt:  # Ctrl-C twice: stopped at once, without a checkpoint of its own
+        print(
+            "interrupted (Ctrl-C twice); the run is marked KILLED; run the same command again "
+            "to resume from its last checkpoint",
+            file=sys.stderr,
+            flush=True,
+        )
+        sys.exit(EXIT_INTERRUPTED)
     finally:
         ddp.shutdown()
 
@@ -197,6 +280,7 @@ def cli() -> None:
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(EXIT_USER_ERROR)
+    sys.argv[1:] = hide_secrets(sys.argv[1:])  # before Hydra writes its own copy of them
     main()
 
 

@@ -7,6 +7,7 @@ progressive distillation) names it in its config::
       teacher:
         method: flow_matching        # a file in sweeps/method/
         train: {steps: 2000}         # optional overrides of the student's train recipe
+        options: {embedding: raw}    # optional overrides of the teacher method's options
         # checkpoint: /path/to/checkpoint.pt   (instead: an existing fewstep-bench checkpoint)
 
 The teacher's config is the student's with ``method`` (and ``train`` overrides) replaced, so it
@@ -54,6 +55,8 @@ def teacher_config(cfg: DictConfig) -> DictConfig | None:
         raise UserError(f"unknown teacher method {spec.method!r}; choose one of: {known}")
     tcfg = OmegaConf.create(OmegaConf.to_container(cfg, resolve=True))
     tcfg.method = OmegaConf.load(path)
+    if spec.get("options"):
+        tcfg.method = OmegaConf.merge(tcfg.method, spec.options)
     if spec.get("train"):
         tcfg.train = OmegaConf.merge(tcfg.train, spec.train)
     tcfg.eval_only = False
@@ -63,9 +66,10 @@ def teacher_config(cfg: DictConfig) -> DictConfig | None:
 
 
 def recorded_embedding(meta: dict) -> dict:
-    """How the network of a checkpoint embeds ``t`` and ``d`` (``d_embedding``, ``t_scale``).
-    Checkpoints written before the meta record held it are read from the class defaults of the
-    method that trained them (the only way those runs could embed)."""
+    """How the network of a checkpoint embeds ``t`` and ``d`` (``d_embedding``, ``t_scale`` and,
+    since the ``embedding`` option, ``d_scale``). Checkpoints written before the meta record held
+    it are read from the class defaults of the method that trained them (the only way those runs
+    could embed); a record without ``d_scale`` gets the network's default for its ``d_embedding``."""
     if isinstance(meta.get("embedding"), dict):
         return dict(meta["embedding"])
     from bench.build import make_method

@@ -120,6 +120,10 @@ class Trainer:
         if world.distributed and not method.explicit_grad_sync:
             self.wrapped = ddp.wrap(net, device)
         self.step = 0
+        self.store_down = False  # the tracking store failed at the last logging step
+        # Called as hook(step, nets) after each step, before its checkpoint, on every process
+        # (bench.curves: evaluation during training).
+        self.hooks: list = []
         method.bind(self.context())
 
     def stage_of(self, step: int) -> int:
@@ -159,13 +163,15 @@ class Trainer:
         if self.world.main:  # every rank holds the same weights; one writes them
             checkpoint.save(self.checkpoint_path, self.state())
 
-    def resume(self) -> bool:
-        """Load the last checkpoint if there is one; returns whether it did."""
-        if self.world.main:  # rank 0 alone writes checkpoints (and so alone tidies them)
-            checkpoint.remove_stale_temporaries(self.checkpoint_path)
-        if not self.checkpoint_path.exists():
-            return False
-        state = checkpoint.load(self.checkpoint_path, self.meta)
+    def resume(self, state: dict | None = None) -> bool:
+        """Load the last checkpoint if there is one (``state``: it, already loaded and checked
+        by the caller); returns whether it did."""
+        if state is None:
+            if self.world.main:  # rank 0 alone writes checkpoints (and so alone tidies them)
+                checkpoint.remove_stale_temporaries(self.checkpoint_path)
+            if not self.checkpoint_path.exists():
+                return False
+            state = checkpoint.load(self.checkpoint_path, self.meta)
         self.net.load_state_dict(state["net"])
         self.ema.load_state_dict(state["ema"])
         self.opt.load_state_dict(state["opt"])
@@ -179,6 +185,15 @@ class Trainer:
         """Train to ``cfg.steps`` (or to ``stop_at``, for tests that simulate an interruption)."""
         cfg = self.cfg
         end = min(cfg.steps, stop_at) if stop_at is not None else cfg.steps
+        # A signal during the set-up (bench.run watches from the moment the run is opened) stops
+        # here, before the first step: the last checkpoint is all a rerun needs.
+        stop = self.preemption is not None and self.preemption.requested
+        if ddp.any_true(stop, self.world) if self.world.distributed else stop:
+            kept = self.checkpoint_path.exists()
+            saved = f"checkpoint {self.checkpoint_path} kept" if kept else "nothing trained yet"
+            raise Preempted(
+                self.preemption.signal_name if self.preemption else "a peer", None, saved
+            )
         if self.step >= end:
             return
         with self.preemption.watching() if self.preemption else contextlib.nullcontext():
@@ -246,8 +261,7 @@ class Trainer:
                 stage = self.stage_of(self.step)
                 fresh = self.step == self.stage_starts[stage]
                 self.method.begin_stage(stage, self.nets, self.context(), fresh)
-                if self.tracker is not None:
-                    self.tracker.log_metrics({"train/stage": stage}, step=self.step)
+                self.log({"train/stage": stage})
             for k, v in self.train_step().items():
                 sums[k] = sums.get(k, 0.0) + v
             count += 1
@@ -269,13 +283,18 @@ class Trainer:
             if log_now:
                 elapsed = time.perf_counter() - tick
                 means["train/img_per_s"] = count * cfg.batch_size / max(elapsed, 1e-9)
-                if self.tracker is not None:
-                    named = {
-                        (f"train/{k}" if k.startswith("loss") else k): v for k, v in means.items()
-                    }
-                    self.tracker.log_metrics(named, step=self.step)
+                self.log(
+                    {(f"train/{k}" if k.startswith("loss") else k): v for k, v in means.items()}
+                )
                 bar.set_postfix(loss=f"{means['loss']:.4f}")
                 sums, count = {}, 0
+            # Hooks run before the save (a crash in between repeats the step, never skips it),
+            # not when stopping (the grace period is for the checkpoint); their time is not
+            # training time.
+            spent = time.perf_counter()
+            for hook in self.hooks if not stop else ():
+                hook(self.step, self.nets)
+            tick += time.perf_counter() - spent
             if save_now:
                 self.save()
             if log_now:
@@ -288,6 +307,21 @@ class Trainer:
                     f"checkpoint saved to {self.checkpoint_path}",
                 )
         bar.close()
+
+    def log(self, metrics: dict[str, float]) -> None:
+        """Training metrics at this step. A failing store does not stop training: the points are
+        kept and sent with the next ones (``Tracker.log_training``); one line says so per outage."""
+        if self.tracker is None:
+            return
+        error = self.tracker.log_training(metrics, self.step)
+        if error and not self.store_down:
+            log.warning(
+                "the tracking store failed at step %d (%s); training goes on and the points are "
+                "sent when it answers again",
+                self.step,
+                error,
+            )
+        self.store_down = error is not None
 
     def interval_means(self, sums: dict[str, torch.Tensor], count: int) -> dict[str, float]:
         """Mean of each logged value over the interval (and over processes under DDP)."""

@@ -54,7 +54,7 @@ else
   out=${OUT:+$OUT/benchmarks}
   out=${out:-benchmarks}
   sizes=${SIZES:-'[B,XL]'}
-  run=(device=cuda 'shape=[4,32,32]' batch=256 warmup=5 iters=20 'sample_steps=[1,4,128]')
+  run=(device=cuda 'shape=[4,32,32]' batch=256 warmup=5 iters=10 'sample_steps=[1,4,128]')
   few=(2 5)
 fi
 mkdir -p "$out"

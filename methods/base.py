@@ -30,7 +30,8 @@ member                                      what the harness does with it
 ``ema_rate``                                an EMA rate the method imposes (None: ``train.ema_rate``)
 ``explicit_grad_sync``                      the loss calls the net through ``torch.func`` (DDP hooks
                                             bypassed: the trainer all-reduces gradients itself)
-``d_embedding``, ``t_scale``                how the network embeds ``d`` and ``t`` (``bench.dit``)
+``d_embedding``, ``t_scale``, ``d_scale``  how the network embeds ``d`` and ``t`` (``bench.dit``;
+                                            the option ``embedding: dit | raw`` sets the scales)
 ==========================================  ==========================================================
 
 The default sampler has three knobs a method may set instead of rewriting ``sample`` and
@@ -61,13 +62,15 @@ from bench import options
 from bench.budget import Cost
 from bench.data import Batch
 from bench.distributed import SINGLE, World, barrier
-from bench.dit import FLOW_MATCHING_LEVEL
+from bench.dit import EMBEDDING_SCALES, FLOW_MATCHING_LEVEL
 from bench.errors import UserError
 from methods.common import euler, frozen_copy
 
 MAX_STEPS = 128
 BUDGETS = tuple(2**k for k in range(8))  # 1, 2, 4, ..., 128
 Budget = Literal[BUDGETS]  # an option that must be one of the step budgets
+#: the ``embedding`` option: how ``t`` and the level of ``d`` enter the sinusoid (bench.dit)
+Embedding = Literal[tuple(EMBEDDING_SCALES)]
 
 
 @dataclass
@@ -120,6 +123,7 @@ class Method(nn.Module, abc.ABC):
     explicit_grad_sync: bool = False
     d_embedding: Literal["level", "linear"] = "level"
     t_scale: float = 1000.0
+    d_scale: float | None = None  # None: bench.dit.default_d_scale for d_embedding
     cfg_scale: float = 1.0  # classifier-free guidance when sampling labelled models (1 = off)
 
     # -- training ----------------------------------------------------------------------------
@@ -206,6 +210,8 @@ class Method(nn.Module, abc.ABC):
             if callable(member) or isinstance(member, property):
                 raise TypeError(f"{type(self).__name__}: option {name!r} would hide {attr}()")
             setattr(self, attr, options.check(f"method.{name}", value, declared[name]))
+        if "embedding" in given:  # the option of the level-conditioned methods (bench.dit)
+            self.t_scale, self.d_scale = EMBEDDING_SCALES[self.embedding]
 
     def after_step(self, nets: Nets, step: int) -> None:
         """Not part of the contract (no method needs it): a no-op the trainer still calls."""

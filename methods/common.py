@@ -25,10 +25,14 @@ def bcast(s: Tensor, x: Tensor) -> Tensor:
     return s.view(-1, *([1] * (x.dim() - 1)))
 
 
-def interpolate(x0: Tensor, x1: Tensor, t: Tensor) -> Tensor:
-    """``x_t = (1 - t) x0 + t x1`` with ``t`` of shape (N,) broadcast over the sample dims."""
+def interpolate(x0: Tensor, x1: Tensor, t: Tensor, sigma_min: float = 0.0) -> Tensor:
+    """``x_t = (1 - t) x0 + t x1`` with ``t`` of shape (N,) broadcast over the sample dims; with
+    ``sigma_min > 0`` the path ``(1 - (1 - sigma_min) t) x0 + t x1`` (Lipman et al. 2022; the
+    official shortcut code's 1e-5), which ends at ``x1 + sigma_min x0`` instead of ``x1``."""
     t = bcast(t, x0)
-    return (1 - t) * x0 + t * x1
+    if sigma_min == 0.0:
+        return (1 - t) * x0 + t * x1
+    return (1 - (1 - sigma_min) * t) * x0 + t * x1
 
 
 def noise(batch: Batch) -> Tensor:
@@ -72,18 +76,24 @@ def euler(
 
 
 def two_step_average(
-    velocity, xt: Tensor, t: Tensor, d: Tensor, clip: float | None = None
+    velocity,
+    xt: Tensor,
+    t: Tensor,
+    d: Tensor,
+    clip: float | None = None,
+    clip_target: bool = True,
 ) -> Tensor:
     """The velocity of one step of size ``2d`` built from two of size ``d`` (shortcut bootstrap,
     progressive-distillation target): ``(v(x_t, t) + v(x_t + d v(x_t, t), t + d)) / 2``, with the
-    midpoint and the result clipped to ``[-clip, clip]`` when ``clip`` is set."""
+    midpoint clipped to ``[-clip, clip]`` when ``clip`` is set, and the result too unless
+    ``clip_target=False`` (the official progressive-distillation target clips only the midpoint)."""
     dd = bcast(d, xt)
     v1 = velocity(xt, t)
     x_mid = xt + dd * v1
     if clip is not None:
         x_mid = x_mid.clamp(-clip, clip)
     target = (v1 + velocity(x_mid, t + d)) / 2
-    return target.clamp(-clip, clip) if clip is not None else target
+    return target.clamp(-clip, clip) if clip is not None and clip_target else target
 
 
 @dataclass

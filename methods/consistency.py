@@ -30,19 +30,35 @@ comes from a ``torch.Generator`` on ``x0``'s device seeded by ``seed`` and the f
 ``x0``: the same noise gives the same sample, evaluation batches get different re-noise, and the
 global RNG is untouched.
 
+The official code is kvfrans/shortcut-models (commit 6010043): ``baselines/
+targets_consistency_training.py`` (``CT``), ``baselines/targets_consistency_distillation.py``
+(``CD``), ``train.py``, ``model.py``, ``helper_inference.py``; every difference is an option:
+
 =================  ===========================  ==========================================
-option             default (source)             official shortcut code (baselines)
+option             default (source)             official code
 =================  ===========================  ==========================================
-curriculum         k = min(6, floor(7 s / S))   the same (``floor(step / (max_steps / 7))``)
-conditioning d     1, training and sampling     the curriculum level k (CD: level 7) in
-                   (a one-step map)             training; ``log2 N`` when sampling
-target             ``ema`` (official, Song      EMA (``online`` under no_grad: iCT)
-                   et al. 2023)
-loss               ``mse`` (official)           MSE (``pseudo_huber``: iCT, ``c = 0.00054
-                                                sqrt(dim)``, here on the velocity residual)
-sampler            ``renoise`` (Song et al.)    ``euler``: ``x <- x + s(x, t_i) / N``
-clip               None (see below)             4.0 on the CD teacher step ``x_{t+d}``
-label_dropout      0.1 (every method here)      none: real labels in every forward
+curriculum         k = min(6, floor(7 s / S))   the same: ``floor(step / (max_steps / 7))``
+                                                (``CT:10-11``)
+conditioning d     1, training and sampling     none: ``ignore_dt=True`` for every baseline
+                   (a one-step map)             but shortcut and live reflow (``train.py:140``)
+                                                zeroes the level (``model.py:249-250``), so the
+                                                network sees one constant token, as here
+target             ``ema`` (official, Song      EMA (``CT:29``, ``CD:27``); ``online`` under
+                   et al. 2023)                 no_grad: iCT
+loss               ``mse`` (official)           MSE (``train.py:238-239``; ``pseudo_huber``:
+                                                iCT, ``c = 0.00054 sqrt(dim)``, here on the
+                                                velocity residual)
+sampler            ``renoise`` (Song et al.)    ``renoise`` in the FID script: ``x1_hat``, then
+                                                fresh noise to ``t + 1/N``
+                                                (``helper_inference.py:120-123``); the
+                                                in-training evaluation is Euler
+                                                (``helper_eval.py:193-208``): ``euler``
+clip               None (see below)             4.0 on the CD teacher step ``x_{t+d}`` (``CD:26``)
+label_dropout      0.1 (every method here)      0: real labels in every forward (``CT:29``,
+                                                ``CD:23``, ``CD:27``)
+embedding          ``dit``: 1000 t              ``raw``: t unscaled (``model.py:82-88``)
+sigma_min          0 (no option)                1e-5 (``CT:26-27``, ``CD:21``); the golden
+                                                tests map it out
 =================  ===========================  ==========================================
 
 Why no clip by default: the official code clips ``x_{t+d}`` to ``[-4, 4]`` but not ``x_t``, so a
@@ -65,7 +81,7 @@ from bench.data import Batch
 from bench.dit import FLOW_MATCHING_LEVEL
 from bench.guidance import drop_labels, guided_velocity
 from bench.options import Positive, PositiveInt, Probability
-from methods.base import Method, Nets
+from methods.base import Embedding, Method, Nets
 from methods.common import Regression, bcast, interpolate, noise
 
 CURRICULUM_LEVELS = 7  # CT steps d = 2^-k, k = 0..6
@@ -86,6 +102,7 @@ class Consistency(Method):
         label_dropout: Probability = 0.1,
         cfg_scale: float = 1.0,
         seed: int = 0,
+        embedding: Embedding = "dit",
     ):
         super().__init__()
         self.set_options(locals(), rename={"loss": "loss_type"})  # loss() is the contract's

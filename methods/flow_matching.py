@@ -7,11 +7,29 @@ The network is conditioned on the flow-matching level ``d = 1/128`` (it ignores 
 Sampling is Euler with ``N`` steps; with ``N = 1`` the sample is ``x0 + v(x0, 0) = E[x1]`` for the
 optimal model -- every sample collapses to the data mean, the few-step failure shortcut models fix.
 A step budget is ``N`` network evaluations (doubled when CFG is on).
+
+The official code is the shortcut repository's ``train_type=naive`` (kvfrans/shortcut-models,
+commit 6010043, ``baselines/targets_naive.py``, ``TN``; its evaluation ``helper_eval.py``); every
+difference is an option:
+
+==============  ===========================  ==============================================
+option          default (source)             official code
+==============  ===========================  ==============================================
+time_sampler    ``uniform`` (Lipman et al.)  ``grid128``: ``randint(0, 128) / 128`` (``TN:14-15``)
+sigma_min       0 (Liu et al.)               1e-5: ``x_t = (1 - (1 - 1e-5) t) x0 + t x1``,
+                                             target ``x1 - (1 - 1e-5) x0`` (``TN:29-30``)
+label_dropout   0.1                          0.1 (``TN:9-10``, ``class_dropout_prob``)
+cfg_scale       1.0 (off)                    the ``cfg_scale`` flag at every step
+                                             (``helper_eval.py:204-207``)
+d token         1/128                        the integer level 7 (``TN:32-33``), i.e. 1/128
+embedding       ``dit``: 1000 t              ``raw``: t and the level unscaled
+                                             (``model.py:82-88``, ``model.py:262``)
+==============  ===========================  ==============================================
 """
 
 from __future__ import annotations
 
-from typing import Literal, get_args
+from typing import Annotated, Literal, get_args
 
 import torch
 from torch import Tensor
@@ -21,8 +39,8 @@ from bench.data import Batch
 from bench.dit import FLOW_MATCHING_LEVEL
 from bench.errors import UserError
 from bench.guidance import drop_labels
-from bench.options import Probability
-from methods.base import Method, Nets
+from bench.options import Probability, Range
+from methods.base import Embedding, Method, Nets
 from methods.common import interpolate, noise
 
 TimeSampler = Literal["uniform", "grid128", "logit_normal"]
@@ -47,6 +65,8 @@ class FlowMatching(Method):
         time_sampler: TimeSampler = "uniform",
         label_dropout: Probability = 0.1,
         cfg_scale: float = 1.0,
+        sigma_min: Annotated[float, Range(0, 1, hi_open=True)] = 0.0,
+        embedding: Embedding = "dit",
     ):
         super().__init__()
         self.set_options(locals())
@@ -56,8 +76,8 @@ class FlowMatching(Method):
         t = sample_time(x1.shape[0], self.time_sampler, x1.device)
         d = torch.full_like(t, FLOW_MATCHING_LEVEL)
         y = drop_labels(batch.y, self.label_dropout, nets.online.num_classes)
-        v = nets.online(interpolate(x0, x1, t), t, d, y)
-        loss = (v - (x1 - x0)).square().mean()
+        v = nets.online(interpolate(x0, x1, t, self.sigma_min), t, d, y)
+        loss = (v - (x1 - (1 - self.sigma_min) * x0)).square().mean()
         return loss, {"loss/flow": loss.detach()}
 
     def cost(self) -> Cost:

@@ -18,19 +18,31 @@ step -- the reflowed field is nearly straight, so few Euler steps suffice, and a
 the flow-matching level. CFG applies only at the flow-matching level (the reflow rows never see the
 null label), doubling those evaluations.
 
+The official code is kvfrans/shortcut-models (commit 6010043), ``baselines/targets_livereflow.py``
+(``TL``), ``train.py``, ``helper_eval.py``; every difference is an option:
+
 =================  ===========================  ==========================================
-option             default (source)             official shortcut code
+option             default (source)             official code
 =================  ===========================  ==========================================
-reflow_ratio       0.25 (the shortcut k_ratio)  0.125 (``bootstrap_every = 8``)
-gen_weights        ``ema``                      ``online`` (``call_model``, the live params)
-gen_steps          8 (paper)                    8, each at the flow-matching level
-gen_cfg_scale      1.0 (off)                    the sampling CFG scale baked into the pairs
-                                                when class-conditional
-fm_time            ``uniform`` (U[0, 1))        ``grid128`` for both kinds of row
+reflow_ratio       0.25 (the shortcut k_ratio)  0.125: ``batch_size // bootstrap_every``,
+                                                ``bootstrap_every = 8`` (``TL:26``, ``train.py:63``)
+gen_weights        ``ema``                      ``online``: ``train_state.call_model``, the live
+                                                parameters (``TL:33``, ``TL:39``)
+gen_steps          8 (paper)                    8, each at the flow-matching level (``TL:31``)
+gen_cfg_scale      1.0 (off)                    the training ``cfg_scale`` flag baked into the
+                                                pairs when class-conditional (``TL:32-42``)
+fm_time            ``uniform`` (U[0, 1))        ``grid128`` for both kinds of row (``TL:13-14``,
+                                                ``TL:48-49``)
 flow_level_from    128 (official)               d = 1 below 128 steps, level 7 at 128
+                                                (``helper_eval.py:197-198``)
 label_dropout      0.1 on flow rows (both)      0.1 on flow rows; reflow rows: real labels
+                                                (``TL:10-11``, ``TL:57``)
+embedding          ``dit``: 1000 t              ``raw`` (``model.py:82-88``, ``model.py:262``)
 distinct rows      yes                          reflow rows reuse the first flow rows' noise
                                                 and times and drop the last data rows
+                                                (``TL:27``, ``TL:48``, ``TL:53-57``)
+sigma_min          0 (no option)                1e-5 (``TL:20-21``, ``TL:51``); the golden
+                                                tests map it out
 =================  ===========================  ==========================================
 """
 
@@ -46,7 +58,7 @@ from bench.data import Batch
 from bench.dit import FLOW_MATCHING_LEVEL
 from bench.guidance import drop_labels
 from bench.options import Probability, Range
-from methods.base import MAX_STEPS, Budget, Method, Nets
+from methods.base import MAX_STEPS, Budget, Embedding, Method, Nets
 from methods.common import Regression, euler, interpolate, leading_rows, noise, regression_loss
 from methods.flow_matching import TimeSampler, sample_time
 
@@ -62,6 +74,7 @@ class LiveReflow(Method):
         flow_level_from: Budget = MAX_STEPS,
         label_dropout: Probability = 0.1,
         cfg_scale: float = 1.0,
+        embedding: Embedding = "dit",
     ):
         super().__init__()
         self.set_options(locals())

@@ -50,19 +50,38 @@ online network without gradient. Sampling is then unguided: ``N`` in {1, 2, ...,
 
 Defaults and where they come from (ImageNet settings; the official PyTorch CIFAR-10 code differs):
 
+The official JAX code is Gsunshine/meanflow (commit d70cb55): ``meanflow.py`` (``MF``),
+``configs/default.py`` (``CFG``), ``train.py``; in brackets the PyTorch CIFAR-10 code
+(Gsunshine/py-meanflow) where it differs. Every difference is an option or a ``train`` key
+(``recipe=official`` selects the JAX values):
+
 ===================  ==============================  ========================================
 option               default (source)                official JAX code (PyTorch CIFAR-10)
 ===================  ==============================  ========================================
-ratio (r != t rows)  0.25 (paper Table 1)            0.25 (``data_proportion`` 0.75); (0.75)
-time_sampler         logit_normal(-0.4, 1.0) in the  same; (logit-normal(-2, 2), or separate
-                     paper's time (paper Table 1)    t and r laws)
-p                    1.0 (paper Table 1)             1.0; (0.75)
-c                    1e-3 (paper)                    0.01; (1e-3)
-omega, kappa         1.0, 0.0 (guidance off)         1.0, 0.5 (effective scale 2 on B/4)
-guidance_interval    [0, 1] (everywhere)             [0, 1] in the paper's time
-label_dropout        0.1 (both)                      0.1
+ratio (r != t rows)  0.25 (paper Table 1)            0.25: ``data_proportion`` 0.75 are r = t
+                                                     (``MF:72``, ``MF:152-155``); (0.75)
+time_sampler         logit_normal(-0.4, 1.0) in the  logit_normal(-0.4, 1.0), t = max and
+                     paper's time (paper Table 1)    r = min of two draws (``MF:67-69``,
+                                                     ``MF:147-150``); (logit-normal(-2, 2), or
+                                                     separate t and r laws)
+p                    1.0 (paper Table 1)             1.0 (``MF:83``); (0.75)
+c                    1e-3 (paper)                    0.01 (``MF:84``, ``MF:242``); (1e-3)
+omega, kappa         1.0, 0.0 (guidance off)         1.0, 0.5 (``MF:75-76``, ``CFG:62-63``;
+                                                     effective scale 2 on B/4)
+guidance_interval    [0, 1] (everywhere)             [0, 1] in the paper's time (``MF:79-80``)
+label_dropout        0.1 (both)                      0.1 (``MF:77``, ``CFG:58``)
+label_dropout_rows   ``any``: Bernoulli per row      ``r_eq_t``: a Binomial(B, 0.1) count of
+                                                     rows dropped from the first row on, i.e.
+                                                     among the r = t rows (``MF:191-200``)
 t_scale              1 (official code)               1: t and t - r enter the sinusoid as is
-r != t rows          the first floor(ratio B) rows   a fixed count; (Bernoulli per row)
+r != t rows          the first floor(ratio B) rows   a fixed count, the last rows (``MF:152-155``);
+                                                     (Bernoulli per row)
+train.betas          recipe's (shared: 0.9, 0.999)   0.9, 0.95 (``train.py:72-75``,
+                                                     ``CFG:44``)
+train.weight_decay   recipe's (shared: 0.1)          0 (``train.py:74``)
+train.ema_rate       recipe's (shared: 0.999)        0.9999, constant (``CFG:45``,
+                                                     ``utils/ema_util.py:17``)
+eval weights         EMA (``eval.weights``)          EMA (``train.py:156``, ``train.py:185``)
 ===================  ==============================  ========================================
 ``p`` and ``c`` weight each row by ``sg(1 / (||D||^2 + c)^p)``, ``||D||^2`` summed over the sample
 (p = 0: plain squared L2, p = 0.5: pseudo-Huber). The JVP covers every row as in the official code
@@ -106,6 +125,7 @@ class MeanFlow(Method):
         kappa: float = 0.0,
         guidance_interval: Interval = (0.0, 1.0),
         label_dropout: Probability = 0.1,
+        label_dropout_rows: Literal["any", "r_eq_t"] = "any",
         t_scale: Positive = 1.0,
     ):
         super().__init__()
@@ -130,6 +150,22 @@ class MeanFlow(Method):
         m = self.split(n)
         r_p = torch.cat([r_p[:m], t_p[m:]])
         return 1 - t_p, t_p - r_p  # t = 1 - t', d = s - t = t' - r' (exactly 0 on r = t rows)
+
+    def drop_labels(self, y: Tensor | None, num_classes: int) -> Tensor | None:
+        """Labels for CFG training. ``any``: each row's label is dropped with probability
+        ``label_dropout``. ``r_eq_t`` (official ``cond_drop``): a Binomial(B, p) count of rows is
+        dropped, taken in the official row order -- its ``r = t`` rows first (ours are rows
+        ``m..B-1``), then its ``r != t`` rows (ours ``0..m-1``) if the count is larger."""
+        if self.label_dropout_rows == "any":
+            return drop_labels(y, self.label_dropout, num_classes)
+        if y is None or self.label_dropout <= 0:
+            return y
+        n, m = y.shape[0], self.split(y.shape[0])
+        count = (torch.rand(y.shape, device=y.device) < self.label_dropout).sum()
+        order = torch.cat([torch.arange(m, n), torch.arange(m)]).to(y.device)
+        rank = torch.empty_like(order)
+        rank[order] = torch.arange(n, device=y.device)  # position of each row in that order
+        return torch.where(rank < count, torch.full_like(y, num_classes), y)
 
     @property
     def guidance(self) -> bool:
@@ -175,7 +211,7 @@ class MeanFlow(Method):
         net, x1, x0 = nets.online, batch.x1, noise(batch)
         t, d = self.sample_times(x1.shape[0], x1.device)
         xt = interpolate(x0, x1, t)
-        y = drop_labels(batch.y, self.label_dropout, net.num_classes)
+        y = self.drop_labels(batch.y, net.num_classes)
         v = self.guided_velocity(net, xt, t, x1 - x0, y)
         u, target = self.prediction_and_target(net, xt, t, d, y, v)
         sq = (u - target).square().flatten(1).sum(1)  # ||D||^2 per row, summed over the sample

@@ -20,6 +20,24 @@ generation resumes after the last complete shard, and a resumed stage 2 reloads 
 (``cost().one_off``), and so is the teacher's training when a teacher is used. The optimizer state and
 the EMA restart at stage 2 (a new model initialised from stage 1). The final one-step distillation of
 the reflow paper is not built.
+
+The shortcut repository ships no reflow code (its baselines are naive flow matching, CT, CD,
+progressive distillation and live reflow), so there is no official row to match beyond the
+backbone conventions every baseline shares:
+
+================  ==============================  ========================================
+option            default (source)                official code
+================  ==============================  ========================================
+stage1_fraction   0.5 (this project)              no reflow code
+num_pairs         4,096 (this project)            no reflow code
+gen_steps         128 (Liu et al.: an ODE solve)  no reflow code
+time_sampler      ``uniform`` (Liu et al.)        (flow matching there: ``grid128``)
+label_dropout     0.1                             (flow matching there: 0.1)
+cfg_scale         1.0                             (pairs: no code; sampling as flow matching)
+rounds            1 (2-rectified flow)            no reflow code
+embedding         ``dit``: 1000 t                 ``raw`` for every baseline DiT
+                                                  (``model.py:82-88``, ``model.py:262``)
+================  ==============================  ========================================
 """
 
 from __future__ import annotations
@@ -37,7 +55,7 @@ from bench.dit import FLOW_MATCHING_LEVEL
 from bench.errors import UserError
 from bench.guidance import drop_labels
 from bench.options import PositiveInt, Probability, Range
-from methods.base import Method, Nets, StageContext
+from methods.base import Embedding, Method, Nets, StageContext
 from methods.common import euler, interpolate, noise
 from methods.flow_matching import TimeSampler, sample_time
 
@@ -59,6 +77,7 @@ class Reflow(Method):
         cfg_scale: float = 1.0,
         gen_batch_size: PositiveInt = 512,
         rounds: PositiveInt = 1,  # reflow stages after stage 1
+        embedding: Embedding = "dit",
     ):
         super().__init__()
         self.set_options(locals())

@@ -16,21 +16,41 @@ Loss: plain MSE over all rows. Sampling: Euler with ``N`` in {1, 2, ..., 128} st
 A step budget ``N`` is ``N`` evaluations; CFG is applied only at the flow-matching level (``N = 128``),
 doubling those evaluations.
 
-Defaults and where they come from (every deviation from the official JAX code is an option):
+Defaults and where they come from. The official code is kvfrans/shortcut-models (commit
+6010043): ``targets_shortcut.py`` (``TS``), ``train.py``, ``model.py``, ``helper_eval.py``; every
+difference from it is an option (``recipe=official`` selects the official values):
 
-=================  ===========================  ==========================================
+=================  ===========================  ==============================================
 option             default (source)             official code
-=================  ===========================  ==========================================
-k_ratio            0.25 (paper)                 0.125 (``bootstrap_every = 8``)
-level_sampling     ``uniform`` (this project)   ``even``: equal counts per level, leftovers
-                                                to ``d = 1`` (all rows at small batches)
-fm_time            ``uniform`` (paper: best)    ``grid128``
-target_weights     ``ema`` (official)           ``ema``
-clip               4.0 (official)               4.0 on ``x'`` and on the target
-bake_cfg_scale     None (paper: CFG at d = 0)   1.5 on the smallest bootstrap level
-label_dropout      0.1 (both)                   0.1
-distinct rows      yes (paper)                  reuses the first rows of the batch (issue #10)
-=================  ===========================  ==========================================
+=================  ===========================  ==============================================
+k_ratio            0.25 (paper text)            0.125: ``bootstrap_every = 8`` (``train.py:63``;
+                                                ``TS:10``)
+level_sampling     ``uniform`` (this project)   ``even``: ``B/8 // 7`` rows per level, finest
+                                                first, leftovers at ``d = 1`` (``TS:12-14``)
+fm_time            ``uniform`` (paper: best)    ``grid128``: ``randint(0, 128) / 128`` (``TS:85-86``)
+target_weights     ``ema`` (official)           ``ema``: ``bootstrap_ema = 1`` (``train.py:64``,
+                                                ``TS:40``)
+clip               4.0 (official)               4.0 on ``x'`` (``TS:45``, ``TS:61``) and on the
+                                                target (``TS:71``)
+bake_cfg_scale     None (paper: CFG at d = 0)   ``cfg_scale`` on the finest bootstrap level when
+                                                ``bootstrap_cfg = 1`` (``TS:48-68``; default 0,
+                                                ``train.py:62``; 1 with 1.5 in the ImageNet command)
+label_dropout      0.1 (both)                   0.1 on flow rows (``train.py:52``, ``TS:80-81``)
+cfg_scale          1.0 (off)                    the ``cfg_scale`` flag at 128 steps only
+                                                (``helper_eval.py:223-229``)
+sigma_min          0 (paper: exact path)        1e-5: ``x_t = (1 - (1 - 1e-5) t) x0 + t x1``,
+                                                target ``x1 - (1 - 1e-5) x0`` (``TS:38``, ``TS:94-95``)
+embedding          ``dit``: 1000 t, 1000/7 k    ``raw``: t in [0, 1] and the integer level k as
+                                                they are (``model.py:82-88``, ``model.py:262``)
+distinct rows      yes (paper)                  flow rows reuse the first rows of the batch
+                                                (``TS:102-106``, official repo issue #10)
+eval weights       EMA (``eval.weights=ema``)   online: ``use_ema = 0`` (``train.py:57``,
+                                                ``helper_eval.py:52-56``): ``eval.weights=online``
+=================  ===========================  ==============================================
+
+Not options (the backbone, ``bench/dit.py``): the official attention scales the queries by
+``1/head_dim`` (``model.py:181``) where SDPA uses ``1/sqrt(head_dim)``, and its per-block adaLN
+layer starts from Xavier weights (``model.py:168``) where ours start at zero (adaLN-Zero).
 """
 
 from __future__ import annotations
@@ -45,7 +65,7 @@ from bench.data import Batch
 from bench.dit import FLOW_MATCHING_LEVEL
 from bench.guidance import drop_labels
 from bench.options import Positive, Probability, Range
-from methods.base import MAX_STEPS, Method, Nets
+from methods.base import MAX_STEPS, Embedding, Method, Nets
 from methods.common import (
     Regression,
     interpolate,
@@ -70,6 +90,8 @@ class Shortcut(Method):
         bake_cfg_scale: float | None = None,
         label_dropout: Probability = 0.1,
         cfg_scale: float = 1.0,
+        sigma_min: Annotated[float, Range(0, 1, hi_open=True)] = 0.0,
+        embedding: Embedding = "dit",
     ):
         super().__init__()
         self.set_options(locals())
@@ -121,7 +143,7 @@ class Shortcut(Method):
         k = self.levels(m, x1.device)
         full = 2.0 ** (-k.float())
         t_sc = torch.floor(torch.rand(m, device=x1.device) * 2.0**k) * full
-        xt_sc = interpolate(x0[:m], x1[:m], t_sc)
+        xt_sc = interpolate(x0[:m], x1[:m], t_sc, self.sigma_min)
         target_net = nets.ema if self.target_weights == "ema" else nets.online
         y_sc = None if y is None else y[:m]  # bootstrap rows always see the real label
         target_sc = (
@@ -130,7 +152,7 @@ class Shortcut(Method):
 
         # Flow-matching rows [m, n): the level-7 token, target x1 - x0, label dropout for CFG.
         t_fm = sample_time(n - m, self.fm_time, x1.device)
-        xt_fm = interpolate(x0[m:], x1[m:], t_fm)
+        xt_fm = interpolate(x0[m:], x1[m:], t_fm, self.sigma_min)
         y_fm = drop_labels(
             None if y is None else y[m:], self.label_dropout, nets.online.num_classes
         )
@@ -139,7 +161,7 @@ class Shortcut(Method):
             t=torch.cat([t_sc, t_fm]),
             d=torch.cat([full, torch.full_like(t_fm, FLOW_MATCHING_LEVEL)]),
             y=None if y is None else torch.cat([y_sc, y_fm]),
-            target=torch.cat([target_sc, x1[m:] - x0[m:]]),
+            target=torch.cat([target_sc, x1[m:] - (1 - self.sigma_min) * x0[m:]]),
             num_consistency=m,
         )
 

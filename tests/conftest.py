@@ -81,3 +81,9 @@ class Analytic(torch.nn.Module):
         self.calls.append((x.clone(), t.clone(), d.clone(), None if y is None else y.clone()))
         self.rows += n
         return self.f(x, t, d, y)
+
+
+@pytest.fixture(autouse=True)
+def _store_dir(tmp_path, monkeypatch):
+    """Packed image stores (bench.store) go under the test's own folder, not the user's cache."""
+    monkeypatch.setenv("FEWSTEP_STORE_DIR", str(tmp_path / "stores"))

@@ -25,14 +25,15 @@ Convention mapping, official -> ours:
 * MeanFlow runs in the paper's time (``t' = 1 - t``, noise at 1, ``u' = -u``) and puts its
   ``r != t`` rows last; we take them first, so the rows are permuted (``meanflow_rows``).
 
-Cases whose official behaviour needs an option the project lacks are ``xfail(strict=True)`` and
-name the option (``MISSING``). ``test_perturbation_is_caught`` shows each comparison bites.
+Cases whose official behaviour is not the project's default run with the option that reproduces
+it (``OFFICIAL``). ``test_perturbation_is_caught`` shows each comparison bites.
 """
 
 from __future__ import annotations
 
 import json
 import math
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -70,8 +71,8 @@ LIVE_REFLOW = dict(reflow_ratio=0.125, gen_weights="online", gen_steps=8, gen_cf
 LIVE_REFLOW.update(fm_time="grid128", label_dropout=0.1)
 MEANFLOW = dict(ratio=0.25, time_sampler="logit_normal", time_mu=-0.4, time_sigma=1.0)
 MEANFLOW.update(p=1.0, c=0.01, label_dropout=0.1)
-#: options the official behaviour needs and the project does not have yet (names proposed)
-MISSING = {
+#: options that reproduce the official behaviour and are not the project's defaults
+OFFICIAL = {
     "pd_clip": dict(clip=4.0),  # x' clipped to [-4, 4] (official targets_progressive.py:34)
     "pd_cfg": dict(bake_cfg_scale=1.5),  # round 0's guidance in the target (bootstrap_cfg)
     "pd_teacher_ema": dict(teacher_weights="ema"),  # the teacher is the EMA at the round start
@@ -266,6 +267,14 @@ def test_shortcut_targets(name, monkeypatch):
     assert_rows_match(*shortcut_run(name, monkeypatch))
 
 
+@pytest.mark.parametrize("name", ["shortcut_every8", "shortcut_every4"])
+def test_shortcut_sigma_min_is_the_official_path(name, monkeypatch):
+    """With ``sigma_min=1e-5`` no mapping is needed: our path and velocity are the official ones
+    (official x_t casts t to float32, hence the looser tolerance; README "Residuals")."""
+    got, want = shortcut_run(name, monkeypatch, map_sigma=False, sigma_min=SIGMA_MIN)
+    assert_rows_match(got, want, tol=1e-6)
+
+
 def test_fixtures_exercise_the_clips():
     """The official clips acted where a test relies on them (and nowhere in ``pd_round2``)."""
     for name in ("shortcut_every8", "shortcut_every4"):
@@ -361,53 +370,44 @@ def test_progressive_distillation_targets(monkeypatch):
     assert_rows_match(got, want)
 
 
-@pytest.mark.xfail(strict=True, reason="PD has no option to clip x' to [-4, 4]: method.clip")
 def test_progressive_distillation_clip(monkeypatch):
-    method = ProgressiveDistillation(**MISSING["pd_clip"])
+    method = ProgressiveDistillation(**OFFICIAL["pd_clip"])
     got, want, _ = pd_run("pd_round2_clip", monkeypatch, teacher=pd_teacher(2), method=method)
     assert_rows_match(got, want)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="PD has no option to bake guidance into round 0's target: method.bake_cfg_scale",
-)
 def test_progressive_distillation_round0_guidance(monkeypatch):
-    method = ProgressiveDistillation(**MISSING["pd_cfg"])
+    method = ProgressiveDistillation(**OFFICIAL["pd_cfg"])
     got, want, _ = pd_run("pd_round0_cfg", monkeypatch, teacher=pd_teacher(0), method=method)
     assert_rows_match(got, want)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="PD has no option to teach from the EMA weights at the round start "
-    "(official bootstrap_ema=1): method.teacher_weights=ema",
-)
-def test_progressive_distillation_teacher_is_the_ema(monkeypatch, tmp_path):
-    """At a round boundary the teacher is the EMA of the weights so far (official train.py:
-    309-312 snapshots the train state; targets_progressive.py:28 calls its EMA)."""
-    method = ProgressiveDistillation(**MISSING["pd_teacher_ema"])
-    ctx = StageContext(tmp_path, None, torch.device("cpu"), True, 0, lambda: None, SINGLE)
-    method.bind(ctx)
-    method.attach_teacher(pd_teacher(0))
-    nets = Nets(online=pd_teacher(2, TEACHER_ONLINE), ema=pd_teacher(2, TEACHER_EMA))
-    method.begin_stage(2, nets, ctx, fresh=True)
+def pd_round_start_run(mp, teacher_weights: str = "ema"):
+    """Round 2 started by ``begin_stage`` from an online and an EMA network, then trained on: the
+    official teacher is the EMA at the round start (official train.py:309-312 snapshots the train
+    state; targets_progressive.py:28 calls its EMA)."""
+    method = ProgressiveDistillation(teacher_weights=teacher_weights, ema_rate=None)
+    with tempfile.TemporaryDirectory() as run_dir:
+        ctx = StageContext(Path(run_dir), None, torch.device("cpu"), True, 0, lambda: None, SINGLE)
+        method.bind(ctx)
+        method.attach_teacher(pd_teacher(0))
+        nets = Nets(online=pd_teacher(2, TEACHER_ONLINE), ema=pd_teacher(2, TEACHER_EMA))
+        method.begin_stage(2, nets, ctx, fresh=True)
     nets.online = Stub(ONLINE)  # the student, as it trains
-    got, want, _ = pd_run("pd_round2", monkeypatch, method=method, nets=nets)
+    return pd_run("pd_round2", mp, method=method, nets=nets)
+
+
+def test_progressive_distillation_teacher_is_the_ema(monkeypatch):
+    got, want, _ = pd_round_start_run(monkeypatch, **OFFICIAL["pd_teacher_ema"])
     assert_rows_match(got, want)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="PD has no option for a round-independent d token (official ignore_dt=True): "
-    "method.d_conditioning=constant",
-)
 def test_progressive_distillation_constant_d(monkeypatch):
     """The official student and teacher ignore d, so the student's d is the same in every round;
     every network then was trained at that one token (the flow-matching level here)."""
     tokens = []
     for name in ("pd_round2", "pd_round0_cfg"):
-        method = ProgressiveDistillation(**MISSING["pd_d"])
+        method = ProgressiveDistillation(**OFFICIAL["pd_d"])
         got, want, d = pd_run(name, monkeypatch, teacher=pd_teacher(0), method=method)
         if name == "pd_round2":
             assert_rows_match(got, want)
@@ -520,19 +520,14 @@ def unflip(times: tuple[Tensor, Tensor]) -> tuple[Tensor, Tensor]:
 @pytest.mark.parametrize("name", ["meanflow_kappa", "meanflow_interval"])
 def test_meanflow_targets(name, monkeypatch):
     """Folded guidance (omega, kappa, interval), the JVP target and the adaptive weight, with
-    the labels dropped on the official rows (the placement itself: the xfail below)."""
+    the labels dropped on the official rows (the placement itself: the test below)."""
     assert_rows_match(*meanflow_run(name, monkeypatch))
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="MeanFlow has no option to drop labels only on r = t rows, a Binomial count taken "
-    "in row order (official cond_drop): method.label_dropout_rows=r_eq_t",
-)
 @pytest.mark.parametrize("name", ["meanflow_kappa", "meanflow_interval"])
 def test_meanflow_label_dropout_rows(name, monkeypatch):
     got, want = meanflow_run(
-        name, monkeypatch, official_drop_rows=False, **MISSING["meanflow_drop"]
+        name, monkeypatch, official_drop_rows=False, **OFFICIAL["meanflow_drop"]
     )
     assert_rows_match(got, want)
 
@@ -552,15 +547,15 @@ def test_every_fixture_names_its_source():
 # -- the comparisons bite -------------------------------------------------------------------------
 def second_step_at_t(two_step):
     """``two_step_average`` whose second velocity is taken at ``t`` instead of ``t + d``."""
-    return lambda velocity, xt, t, d, clip=None: two_step(
-        lambda x, tt: velocity(x, t), xt, t, d, clip
+    return lambda velocity, xt, t, d, clip=None, **kw: two_step(
+        lambda x, tt: velocity(x, t), xt, t, d, clip, **kw
     )
 
 
 def target_clip_only(two_step):
     """``two_step_average`` that clips the result but not the midpoint ``x'``."""
 
-    def mutant(velocity, xt, t, d, clip=None):
+    def mutant(velocity, xt, t, d, clip=None, clip_target=True):
         target = two_step(velocity, xt, t, d, None)
         return target if clip is None else target.clamp(-clip, clip)
 
@@ -643,6 +638,11 @@ PERTURBATIONS = {
         dict(name="shortcut_every8", target_weights="online"),
         None,
     ),
+    ("shortcut", "sigma_min option at 1e-4"): (
+        shortcut_run,
+        dict(name="shortcut_every8", map_sigma=False, sigma_min=1e-4),
+        None,
+    ),
     ("shortcut", "sigma_min not mapped"): (
         shortcut_run,
         dict(name="shortcut_every8", map_sigma=False),
@@ -698,6 +698,26 @@ PERTURBATIONS = {
         dict(name="pd_round2", teacher=pd_teacher(2), map_sigma=False),
         None,
     ),
+    ("pd", "midpoint not clipped"): (
+        pd_run,
+        dict(name="pd_round2_clip", teacher=pd_teacher(2), method=ProgressiveDistillation()),
+        None,
+    ),
+    ("pd", "no guidance in round 0"): (
+        pd_run,
+        dict(name="pd_round0_cfg", teacher=pd_teacher(0), method=ProgressiveDistillation()),
+        None,
+    ),
+    ("pd", "online weights teach at the round start"): (
+        pd_round_start_run,
+        dict(teacher_weights="online"),
+        None,
+    ),
+    ("pd", "d token follows the round"): (
+        pd_run,
+        dict(name="pd_round2", teacher=pd_teacher(0), method=ProgressiveDistillation()),
+        None,
+    ),
     ("live_reflow", "EMA weights generate the pairs"): (
         live_reflow_run,
         dict(gen_weights="ema"),
@@ -729,6 +749,11 @@ PERTURBATIONS = {
     ("meanflow", "guidance interval left in paper time (wrong rows)"): (
         meanflow_run,
         dict(name="meanflow_interval", map_interval=False),
+        None,
+    ),
+    ("meanflow", "labels dropped on any row"): (
+        meanflow_run,
+        dict(name="meanflow_kappa", official_drop_rows=False, label_dropout_rows="any"),
         None,
     ),
     ("meanflow", "adaptive weight c = 1e-3"): (

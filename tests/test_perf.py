@@ -35,6 +35,7 @@ TINY = [
     "batch=8",
     "warmup=1",
     "iters=1",
+    "rounds=2",
     "sample_steps=[1,4]",
     "profile=[flow_matching]",
 ]
@@ -136,6 +137,135 @@ def test_train_configs_carry_the_switches_and_build_applies_them(compose):
         accel.prepare_model(VelocityMLP((2,)), {"grad_checkpoint": True})
 
 
+# -- rounds: the statistics on a noisy machine, with a fake clock ----------------------------------
+class FakeClock:
+    """Each row's block costs a fixed time, times ``burst`` while the fake time is in ``window``:
+    a burst of load from another process, in wall-clock time, as on a shared machine."""
+
+    def __init__(self, costs: dict, window=(None, None), burst=10.0):
+        self.now, self.costs, self.window, self.burst = 0.0, costs, window, burst
+        self.calls: list[str] = []
+
+    def timer(self, name):
+        def block(_round: int) -> float:
+            lo, hi = self.window
+            slow = lo is not None and lo <= self.now < hi
+            took = self.costs[name] * (self.burst if slow else 1.0)
+            self.now += took
+            self.calls.append(name)
+            return took
+
+        return block
+
+    def timers(self):
+        return {name: self.timer(name) for name in self.costs}
+
+
+def test_rounds_interleave_rows_a_b_c_a_b_c():
+    from bench.rounds import interleave
+
+    clock = FakeClock({"A": 1.0, "B": 2.0, "C": 3.0})
+    seconds, failed = interleave(clock.timers(), 3)
+    assert clock.calls == ["A", "B", "C"] * 3 and not failed
+    assert seconds == {"A": [1.0] * 3, "B": [2.0] * 3, "C": [3.0] * 3}
+
+
+def test_a_burst_in_one_round_moves_neither_the_median_nor_the_paired_ratio():
+    from bench.rounds import interleave, paired_ratio, summary
+
+    # fm 1 s and shortcut 1.17 s per block; a 10x burst from t = 4.34 (round 2 starts) covers both
+    # rows of round 2 (slowed, it ends at 4.34 + 10 + 11.7) and nothing after
+    clock = FakeClock({"fm": 1.0, "sc": 1.17}, window=(2 * 2.17, 2 * 2.17 + 10.5))
+    seconds, _ = interleave(clock.timers(), 5)
+    assert seconds["fm"][2] == 10.0 and seconds["sc"][2] == pytest.approx(11.7)  # the burst hit
+    assert summary(seconds["fm"]).median == 1.0
+    assert paired_ratio(seconds["sc"], seconds["fm"]).median == pytest.approx(1.17)
+    # a burst that lands on one row of one round only (sc in round 1): the mean of the per-row
+    # times would move the ratio to (4 x 1.17 + 11.7) / 5 = 3.28; the median of the pairs does not
+    clock = FakeClock({"fm": 1.0, "sc": 1.17}, window=(3.17, 3.18))
+    seconds, _ = interleave(clock.timers(), 5)
+    assert seconds["sc"][1] == pytest.approx(11.7) and seconds["fm"][1] == 1.0
+    r = paired_ratio(seconds["sc"], seconds["fm"])
+    assert r.median == pytest.approx(1.17) and r.spread == 0.0
+
+
+def test_a_row_whose_rounds_spread_widely_is_flagged_and_a_steady_one_is_not():
+    from bench.rounds import quantile, summary
+
+    steady, wide = summary([1.0, 1.01, 0.99, 1.0, 1.02]), summary([1.0, 1.5, 0.7, 1.3, 0.9])
+    assert not steady.noisy(0.1) and wide.noisy(0.1)
+    assert wide.median == 1.0 and wide.spread == pytest.approx(1.3 - 0.9)  # IQR / median
+    assert quantile([1.0, 2.0, 3.0, 4.0], 0.25) == 1.75  # numpy's 'linear' quantile
+    assert summary([2.0]).spread == 0.0
+
+
+def test_a_failing_row_is_dropped_from_later_rounds_and_the_others_keep_theirs():
+    from bench.rounds import interleave
+
+    def broken(r):
+        if r == 1:
+            raise RuntimeError("out of memory")
+        return 1.0
+
+    seconds, failed = interleave({"A": lambda r: 2.0, "B": broken}, 3)
+    assert seconds == {"A": [2.0, 2.0, 2.0], "B": [1.0]} and "out of memory" in str(failed["B"])
+
+
+def fake_report(fm, sc, base_fm, sampling=None) -> dict:
+    from bench.rounds import summary
+
+    row = lambda v, m, ms: {  # noqa: E731
+        "size": "tiny", "variant": v, "method": m, "batch": 8, "status": "ok",
+        "round_ms_per_step": ms, "ms_per_step": sorted(ms)[len(ms) // 2],
+        "spread": summary(ms).spread,
+        "train_tflop_per_step": {"flow_matching": 3.0, "shortcut": 3.5}[m],
+        "img_per_s": 8 / sorted(ms)[len(ms) // 2] * 1e3,
+    }  # fmt: skip
+    return {
+        "protocol": {"max_spread": 0.1},
+        "train": [row("fast", "flow_matching", fm), row("fast", "shortcut", sc),
+                  row("baseline", "flow_matching", base_fm)],
+        "sampling": sampling or [],
+    }  # fmt: skip
+
+
+def test_summarise_takes_ratios_from_paired_rounds_and_flags_noisy_rows():
+    from bench.perf_report import summarise
+
+    fm = [100.0, 100.0, 1000.0, 100.0, 100.0]  # a burst in round 2 on both rows ...
+    sc = [128.0, 128.0, 1280.0, 128.0, 128.0]
+    base = [200.0, 260.0, 150.0, 210.0, 300.0]  # ... and a baseline all over the place
+    report = fake_report(fm, sc, base)
+    summarise(report)
+    f, s, b = report["train"]
+    assert s["time_ratio_vs_fm"] == pytest.approx(1.28) and s["time_ratio_spread"] == 0.0
+    assert s["flop_ratio_vs_fm"] == pytest.approx(3.5 / 3)
+    assert f["speedup_vs_baseline"] == pytest.approx(2.1)  # median of 2, 2.6, 0.15, 2.1, 3
+    assert b["noisy"] and f["noisy"]  # the baseline spreads, so does the ratio against it
+    assert not s["noisy"]
+
+
+def test_markdown_marks_a_noisy_row_too_noisy(tmp_path):
+    from bench.perf_report import markdown, summarise
+
+    report = fake_report([100.0] * 5, [128.0] * 5, [200.0, 260.0, 150.0, 210.0, 300.0])
+    report["protocol"] |= {
+        "device_name": "test", "device_kind": "cpu", "started": "now", "torch": "x", "cuda": None,
+        "threads": 1, "cpu_count": 2, "shape": [1, 8, 8], "batch": 8, "warmup": 1, "iters": 2,
+        "rounds": 5, "interleaved": True, "train": "paper", "num_classes": 0, "git": "x",
+        "timing": "host clock", "data": "random", "command": "c", "mfu": "n/a", "memory": "rss",
+    }  # fmt: skip
+    report["variants"] = []
+    summarise(report)
+    md = markdown(report)
+    base_line = next(ln for ln in md.splitlines() if "| baseline | flow_matching |" in ln)
+    sc_line = next(ln for ln in md.splitlines() if "| fast | shortcut |" in ln)
+    assert "TOO NOISY" in base_line and "TOO NOISY" not in sc_line
+    assert "| 1.280 (0.0%) |" in sc_line
+    assert "Too noisy to trust" in md and "tiny baseline flow_matching" in md
+    assert "5 rounds of 2 timed steps per row, rows interleaved" in md
+
+
 # -- the benchmark -----------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def report(tmp_path_factory) -> tuple[dict, Path]:
@@ -161,10 +291,11 @@ def test_every_method_runs_and_the_report_has_its_keys(report):
     pd = rows[("fast", "progressive_distillation")]
     assert pd["teacher"] == "fresh (timing only)"
     assert rows[("fast", "flow_matching")]["profile"][0]["ms_per_step"] > 0
-    fast = rows[("fast", "shortcut")]
-    assert fast["speedup_vs_baseline"] == pytest.approx(
-        fast["img_per_s"] / rows[("baseline", "shortcut")]["img_per_s"]
-    )
+    fast, base = rows[("fast", "shortcut")], rows[("baseline", "shortcut")]
+    assert len(fast["round_ms_per_step"]) == len(base["round_ms_per_step"]) == 2  # rounds=2
+    pairs = zip(fast["round_ms_per_step"], base["round_ms_per_step"], strict=True)
+    per_round = [b / f for f, b in pairs]
+    assert fast["speedup_vs_baseline"] == pytest.approx(sum(per_round) / 2)  # paired: the median
     assert [s["steps"] for s in r["sampling"] if s["variant"] == "fast"] == [1, 4]
     (json_file,) = out.glob("cpu-*.json")
     assert json.loads(json_file.read_text())["protocol"]["batch"] == 8

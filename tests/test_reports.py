@@ -10,6 +10,7 @@ import numpy as np
 import pandas as pd
 import pytest
 from PIL import Image
+from scipy import stats
 
 from bench.errors import UserError
 
@@ -17,14 +18,14 @@ CONFIG_DIR = Path(__file__).resolve().parents[1] / "reports"
 VOID = {"meta", "img", "br", "hr", "link", "input"}
 
 
-def make_run(client, exp, tags, metrics, status="FINISHED", grid=None):
+def make_run(client, exp, tags, metrics, status="FINISHED", grids=()):
     run = client.create_run(exp, run_name=f"{tags['method']}-{tags['seed']}", tags=tags)
     rid = run.info.run_id
     for k, v in metrics.items():
         client.log_metric(rid, k, v)
     for step, loss in [(10, 1.0), (20, 0.5)]:
         client.log_metric(rid, "train/loss", loss, step=step)
-    if grid is not None:
+    for grid in grids:
         client.log_artifact(rid, str(grid), "grids")
     client.set_terminated(rid, status=status)
     return rid
@@ -38,8 +39,14 @@ def store(tmp_path):
     mlflow.set_tracking_uri(uri)
     client = mlflow.tracking.MlflowClient()
     exp = client.create_experiment("bench", artifact_location=str(tmp_path / "artifacts"))
-    grid = tmp_path / "steps_1.png"
-    Image.fromarray((np.random.default_rng(0).random((34, 34)) * 255).astype(np.uint8)).save(grid)
+    grids = {}
+    for method, shade in (("shortcut", 255), ("flow_matching", 128)):
+        for steps in (1, 4, 128):
+            grid = tmp_path / method / f"steps_{steps}.png"
+            grid.parent.mkdir(exist_ok=True)
+            noise = np.random.default_rng(steps).random((34, 34))  # one noise for every method
+            Image.fromarray((noise * shade).astype(np.uint8)).save(grid)
+            grids.setdefault(method, []).append(grid)
     common = {
         "size": "tiny/4",
         "data": "digits16",
@@ -67,7 +74,7 @@ def store(tmp_path):
                 "nfe/steps_128": 256,
                 **budget,
             },
-            grid=grid if seed == 0 else None,
+            grids=grids["shortcut"] if seed == 0 else (),
         )
     # flow matching was never evaluated at 128 steps: a missing cell
     make_run(
@@ -81,6 +88,7 @@ def store(tmp_path):
             "nfe/steps_4": 4,
             **budget,
         },
+        grids=grids["flow_matching"][:2],
     )
     make_run(
         client,
@@ -114,10 +122,14 @@ def test_tables_hold_exactly_the_logged_numbers(store, tmp_path):
     out = build(store, tmp_path / "report")
     md = (out / "report.md").read_text()
     row = next(l for l in md.splitlines() if "/ shortcut" in l)
-    assert "**11.00 ± 1.41**" in row  # mean +- sample std of 10 and 12, best at 1 step
-    assert "6.00 ± 1.41" in row and "**2.25 ± 0.35**" in row
+    # mean +- half-width of the 95% t-interval over the two seeds (t_{0.975,1} s / sqrt(2))
+    half = lambda a, b: stats.t.ppf(0.975, 1) * np.std([a, b], ddof=1) / np.sqrt(2)  # noqa: E731
+    assert f"11.00 ± {half(10, 12):.2f}" in row and f"6.00 ± {half(5, 7):.2f}" in row
+    assert f"2.25 ± {half(2, 2.5):.2f}" in row
     fm = next(l for l in md.splitlines() if "/ flow_matching" in l)
-    assert "100.00" in fm and "**4.00**" in fm and "not measured" in fm
+    # one seed, no bootstrap bounds: the best mean cannot be tested, and says so (°)
+    assert "100.00" in fm and "**4.00**°" in fm and "not measured" in fm
+    assert "**6.00" not in row and "*6.00" not in row
     failed = next(l for l in md.splitlines() if "/ consistency" in l)
     assert "failed: training diverged at step 7" in failed
     assert "1:1, 4:4, 128:256" not in row and "128:256" in row  # NFE differs from steps only at 128
@@ -128,15 +140,23 @@ def test_tables_hold_exactly_the_logged_numbers(store, tmp_path):
     sc = tidy[(tidy.method == "shortcut") & (tidy.metric == "fd/train") & (tidy.steps == 1)]
     assert sorted(sc.value) == [10.0, 12.0]
     tex = (out / "table.tex").read_text()
-    assert "\\textbf{11.00 $\\pm$ 1.41}" in tex and "\\begin{tabular}" in tex
+    assert "\\textbf{4.00}$^\\circ$" in tex and "\\begin{tabular}" in tex
+    assert f"11.00 $\\pm$ {half(10, 12):.2f}" in tex
 
 
 def test_figures_grids_and_a_well_formed_local_html(store, tmp_path):
     out = build(store, tmp_path / "report")
-    for name in ("metric_vs_nfe", "metric_vs_compute", "loss"):
+    for name in ("metric_vs_nfe", "metric_vs_compute", "samples", "loss"):
         path = out / "figures" / f"{name}.png"
         with Image.open(path) as im:
             assert im.width > 100 and np.asarray(im.convert("L")).std() > 5
+        assert path.with_suffix(".pdf").read_bytes().startswith(b"%PDF")
+    # rows = configurations with grids, columns = 1 / 4 / 128 steps
+    with Image.open(out / "figures" / "samples.png") as im:
+        assert im.height > 1.2 * 2.4 * 130 and im.width > 3 * 2.4 * 130
+    tex = (out / "figures.tex").read_text()
+    for pdf in ("metric_vs_nfe.pdf", "samples.pdf", "metric_vs_compute.pdf"):
+        assert f"\\includegraphics[width=\\linewidth]{{figures/{pdf}}}" in tex
 
     class Checker(HTMLParser):
         def __init__(self):
@@ -199,7 +219,7 @@ def test_the_html_report_renders_in_a_real_headless_browser(store, tmp_path):
             "--disable-sync",
             f"--user-data-dir={tmp_path / 'profile'}",
             "--hide-scrollbars",
-            "--window-size=1200,1800",
+            "--window-size=1200,4000",
             f"--screenshot={shot}",
             (out / "report.html").resolve().as_uri(),
         ],
@@ -210,7 +230,10 @@ def test_the_html_report_renders_in_a_real_headless_browser(store, tmp_path):
     )
     assert shot.exists(), proc.stderr[-2000:]
     pixels = np.asarray(Image.open(shot).convert("L"), dtype=float)
-    assert pixels.shape == (1800, 1200)
-    top, figures = pixels[:400], pixels[400:1400]
+    assert pixels.shape == (4000, 1200)
+    top, below = pixels[:400], pixels[400:]
     assert (top < 128).mean() > 0.01, "the title and table render as dark text"
-    assert figures.std() > 20, "the figures render below the table"
+    # every figure is a block of non-white rows; the report shows at least its four figures
+    rows_drawn = (below < 250).mean(axis=1) > 0.05
+    blocks = np.flatnonzero(np.diff(rows_drawn.astype(int)) == 1)
+    assert below.std() > 20 and len(blocks) >= 4, "the figures render below the table"

@@ -118,10 +118,17 @@ def reference_stats(
     return stats, path
 
 
+def sample_features(
+    samples: Tensor, extractor, device, batch_size: int = 200, transform=None
+) -> np.ndarray:
+    """Inception (or ``extractor``) features of ``samples``, batch by batch."""
+    return features(
+        batches(samples, batch_size, transform), len(samples), batch_size, extractor, device
+    )
+
+
 def fid(
     samples: Tensor, reference: Stats, extractor, device, batch_size: int = 200, transform=None
 ) -> float:
-    feats = features(
-        batches(samples, batch_size, transform), len(samples), batch_size, extractor, device
-    )
+    feats = sample_features(samples, extractor, device, batch_size, transform)
     return frechet_distance(Stats.of(feats), reference)

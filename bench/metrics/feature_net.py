@@ -6,8 +6,10 @@ on the dataset itself. The weights for ``digits16`` and ``shapes16`` ship with t
 (``weights/*.pt``), so every machine measures in the same frozen feature space; each result records
 ``weights_hash`` (sha256 of the parameters). ``python -m bench.metrics.feature_net digits16``
 retrains them deterministically. Datasets without shipped weights get a randomly initialised
-network of the same shape (seed 0), named ``random-cnn`` in every result, or -- with
-``eval.features=pixel_pca`` -- the top 64 principal components of the training pixels.
+network of the same shape (seed 0) whose features are z-scored by their mean and spread on the
+training split (``Standardised``; raw, they give FDs around 1e-6 on a user's folder), named
+``random-cnn`` in every result, or -- with ``eval.features=pixel_pca`` -- the top 64 principal
+components of the training pixels. docs/evaluation.md has the checks behind this choice.
 """
 
 from __future__ import annotations
@@ -113,6 +115,33 @@ class PixelPCA(nn.Module):
         return (x.flatten(1) - self.mean) @ self.components.T
 
 
+class Standardised(nn.Module):
+    """``net``'s features z-scored by their per-dimension mean and standard deviation on the
+    training split; dimensions constant there (dead ReLUs) are dropped.
+
+    A randomly initialised network's features are tiny and unevenly scaled (FDs around 1e-6 on a
+    user's folder, dominated by a few dimensions); z-scored, every kept dimension counts in units
+    of its spread on real data, as KID's features always were. Fitted on the reference itself,
+    so the training split scores 0 mean and unit variance by construction."""
+
+    def __init__(self, net: nn.Module, train_x: Tensor):
+        super().__init__()
+        self.net = net
+        raw = torch.as_tensor(extract(net, train_x), dtype=torch.float64)
+        sd = raw.std(0)
+        keep = sd > 1e-6 * float(sd.max().clamp_min(1e-30))
+        self.register_buffer("keep", keep)
+        self.register_buffer("mean", raw.mean(0)[keep].float())
+        self.register_buffer("std", sd[keep].float())
+
+    @property
+    def kept(self) -> int:
+        return int(self.keep.sum())
+
+    def features(self, x: Tensor) -> Tensor:
+        return (self.net.features(x)[:, self.keep] - self.mean) / self.std
+
+
 FEATURES = ("auto", "classifier", "random_cnn", "pixel_pca")
 
 
@@ -120,7 +149,8 @@ def load_feature_net(
     dataset: str, channels: int, kind: str = "auto", train_x: Tensor | None = None
 ):
     """The frozen extractor and its name. ``auto``: ``classifier-<dataset>`` when weights ship,
-    else ``random-cnn``; ``pixel_pca`` fits PCA on ``train_x``."""
+    else ``random-cnn``, z-scored by its features on ``train_x`` (``Standardised``);
+    ``pixel_pca`` fits PCA on ``train_x``."""
     if kind not in FEATURES:
         raise UserError(
             f"eval.features={kind!r} is not allowed; choose one of {', '.join(FEATURES)}"
@@ -140,8 +170,10 @@ def load_feature_net(
         return PixelPCA.fit(train_x).eval(), "pixel-pca"
     with torch.random.fork_rng():  # a fixed random network without touching the global RNG
         torch.manual_seed(0)
-        net = FeatureNet(channels, 0)
-    return net.eval().requires_grad_(False), "random-cnn"
+        net = FeatureNet(channels, 0).eval().requires_grad_(False)
+    if train_x is None:
+        raise ValueError("random-cnn features are z-scored on the training split: pass train_x")
+    return Standardised(net, train_x).eval(), "random-cnn"
 
 
 @torch.no_grad()

@@ -21,6 +21,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
+K = 3  # neighbours of the k-NN metrics, as both papers use
+
 
 def _t(x) -> Tensor:
     return torch.as_tensor(np.asarray(x), dtype=torch.float64)
@@ -66,7 +68,7 @@ def _matched(gen, ref, seed: int = 0) -> tuple[Tensor, Tensor]:
     return g, r
 
 
-def precision_recall(gen, ref, k: int = 3) -> tuple[float, float]:
+def precision_recall(gen, ref, k: int = K) -> tuple[float, float]:
     g, r = _matched(gen, ref)
     r_radius, g_radius = _kth_radius(r, k), _kth_radius(g, k)
     d = torch.cdist(g, r)  # (gen, ref)
@@ -75,7 +77,7 @@ def precision_recall(gen, ref, k: int = 3) -> tuple[float, float]:
     return float(precision), float(recall)
 
 
-def density_coverage(gen, ref, k: int = 3) -> tuple[float, float]:
+def density_coverage(gen, ref, k: int = K) -> tuple[float, float]:
     g, r = _matched(gen, ref)
     radius = _kth_radius(r, k)
     inside = torch.cdist(g, r) <= radius[None]  # (gen, ref)

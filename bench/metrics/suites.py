@@ -29,9 +29,15 @@ from torch import Tensor
 
 from bench.data import Dataset
 from bench.errors import UserError
-from bench.metrics import points, quality
-from bench.metrics.feature_net import extract, load_feature_net, weights_hash
+from bench.metrics import bootstrap, points, quality
+from bench.metrics.feature_net import Standardised, extract, load_feature_net, weights_hash
 from bench.metrics.frechet import Stats, frechet_distance
+
+
+def sig(value: float) -> str:
+    """A number at a precision that shows it: two decimals from 1 up (FD's usual range), three
+    significant digits below (a KID of 4e-4 or an FD of 1e-6 never prints as 0.00)."""
+    return f"{value:.2f}" if abs(value) >= 1 else f"{value:#.3g}"
 
 
 @dataclass
@@ -50,10 +56,9 @@ class ImageSuite:
 
     ``features``: ``auto`` | ``classifier`` | ``random_cnn`` | ``pixel_pca``. ``fid`` adds clean-fid
     Inception FID (``fid/<key>``); ``fid_extractor`` replaces Inception by any network taking
-    [0, 255] images (tests). ``decoder`` maps latents to [-1, 1] images before FID."""
+    [0, 255] images (tests). ``decoder`` maps latents to [-1, 1] images before FID.
+    ``resamples``: bootstrap resamples for the intervals of FD and FID (0: no intervals)."""
 
-    #: The printed results table: its head, and how a budget's metrics fill a row.
-    table_head = "FD(train)  FD(test)     KID  prec  recall"
     floor_label = "held-out images vs train statistics"
 
     def __init__(
@@ -67,8 +72,21 @@ class ImageSuite:
         cache_dir: str | None = None,
         fid_extractor=None,
         decoder=None,
+        resamples: int = bootstrap.RESAMPLES,
     ):
         self.data, self.device, self.decoder = data, device, decoder
+        if (
+            isinstance(resamples, bool)
+            or not isinstance(resamples, int)
+            or 0 < resamples < 20
+            or resamples < 0
+        ):
+            raise UserError(
+                f"eval.bootstrap={resamples!r} is not allowed; give the number of bootstrap "
+                "resamples, 0 (no intervals) or a whole number of at least 20 (default 200)"
+            )
+        self.resamples = resamples  # bootstrap resamples per interval (0: none)
+        check_sizes(data, num_samples)
         self.extractor, self.extractor_name = load_feature_net(
             data.name, data.shape[0], features, data.train_x
         )
@@ -83,7 +101,8 @@ class ImageSuite:
         # when the held-out split is large enough, else at the split's size (stated in the tags).
         self.floor_count = min(num_samples, len(data.test_x))
         self.floor = self.feature_metrics(data.test_x[: self.floor_count], "floor")
-        del self.floor["fd/test/floor"]  # held-out images against themselves: 0 by construction
+        # Held-out images against themselves: 0 by construction, and so is their interval.
+        self.floor = {k: v for k, v in self.floor.items() if not k.startswith("fd/test/")}
         self.fid = self._setup_fid(inception_dir, cache_dir, fid_extractor) if fid else None
 
     @torch.no_grad()
@@ -121,6 +140,8 @@ class ImageSuite:
             "n": str(len(data.train_x)),
             "decoded": str(self.decoder is not None),
         }
+        if getattr(data, "fingerprint", ""):  # other files, other statistics (bench.identity)
+            key["content"] = data.fingerprint
         if self.decoder is not None:  # other decoder (or VAE weights), other reference images
             key["decoder"] = str(getattr(self.decoder, "name", type(self.decoder).__name__))
             if data.latent is not None and data.latent.vae_sha256:
@@ -142,10 +163,16 @@ class ImageSuite:
             f"test ({len(self.data.test_x)}) splits",
             "eval.extractor": self.extractor_name,
             "eval.extractor_hash": self.extractor_hash,
+            "eval.feature_scaling": (
+                f"z-scored by the train split ({self.extractor.kept} dimensions not constant there)"
+                if isinstance(self.extractor, Standardised)
+                else "none"
+            ),
             "eval.floor_count": str(self.floor_count),
             "eval.other_metrics": "KID (cubic kernel, z-scored features, 20 subsets), "
             "precision/recall and density/coverage (k=3), class-histogram KL, "
             "copy rate (pixel L2 < 1/3 median train NN distance); all vs the train split",
+            "eval.bootstrap": bootstrap.describe(self.resamples),
         }
         if self.fid is not None:
             p.update(
@@ -171,8 +198,8 @@ class ImageSuite:
         precision, recall = quality.precision_recall(feats, self.train_feats)
         density, coverage = quality.density_coverage(feats, self.train_feats)
         m = {
-            f"fd/train/{key}": frechet_distance(stats, self.train_stats),
-            f"fd/test/{key}": frechet_distance(stats, self.test_stats),
+            **self.frechet(feats, stats, self.train_stats, "fd/train", key),
+            **self.frechet(feats, stats, self.test_stats, "fd/test", key),
             f"kid/{key}": kid_mean,
             f"kid_std/{key}": kid_std,
             f"precision/{key}": precision,
@@ -189,22 +216,60 @@ class ImageSuite:
             m[f"copy_rate/{key}"] = self.copies.rate(x)
         return m
 
+    def frechet(self, feats, stats: Stats, reference: Stats, base: str, key: str):
+        """``<base>/<key>`` and, with resamples, its bootstrap interval
+        ``<base>/ci95_low/<key>``, ``<base>/ci95_high/<key>`` (bench.metrics.bootstrap)."""
+        value = frechet_distance(stats, reference)
+        m = {f"{base}/{key}": value}
+        if self.resamples > 0:
+            # float64 resampling on the GPU when there is one (2048-d Inception features)
+            device = self.device if self.device.type == "cuda" else "cpu"
+            ci = bootstrap.frechet_interval(value, feats, reference, self.resamples, device=device)
+            m[f"{base}/ci95_low/{key}"], m[f"{base}/ci95_high/{key}"] = ci.low, ci.high
+        return m
+
     def metrics(self, samples: Tensor, key: str) -> dict[str, float]:
-        """The feature-space metrics, and FID when it is set up."""
+        """The feature-space metrics, and FID (with its interval) when it is set up."""
         m = self.feature_metrics(samples, key)
         if self.fid is not None:
             from bench.metrics import clean_fid
 
             transform = self.decode if self.decoder is not None else None
-            m[f"fid/{key}"] = clean_fid.fid(
-                samples, self.fid.stats, self.fid.extractor, self.device, transform=transform
+            feats = clean_fid.sample_features(
+                samples, self.fid.extractor, self.device, transform=transform
             )
+            m.update(self.frechet(feats, Stats.of(feats), self.fid.stats, "fid", key))
         return m
 
+    #: The printed results table: its head, and how a budget's metrics fill a row.
+    @property
+    def table_head(self) -> str:
+        fid = "       FID" if self.fid is not None else ""
+        return f"FD(train)  FD(test){fid}     KID  prec  recall"
+
     def table_row(self, m: dict[str, float], key: str) -> str:
+        fid = f" {sig(m[f'fid/{key}']):>9}" if f"fid/{key}" in m else ""
         return (
-            f"{m[f'fd/train/{key}']:9.2f} {m[f'fd/test/{key}']:9.2f} {m[f'kid/{key}']:7.3f}"
-            f" {m[f'precision/{key}']:5.2f} {m[f'recall/{key}']:7.2f}"
+            f"{sig(m[f'fd/train/{key}']):>9} {sig(m[f'fd/test/{key}']):>9}{fid}"
+            f" {sig(m[f'kid/{key}']):>7} {m[f'precision/{key}']:5.2f} {m[f'recall/{key}']:7.2f}"
+        )
+
+    def interval_row(self, m: dict[str, float], key: str) -> str | None:
+        """The bootstrap intervals of a budget's Frechet distances, under its row."""
+        parts = [
+            f"{name} [{sig(m[f'{base}/ci95_low/{key}'])}, {sig(m[f'{base}/ci95_high/{key}'])}]"
+            for base, name in (("fd/train", "train"), ("fd/test", "test"), ("fid", "FID"))
+            if f"{base}/ci95_low/{key}" in m
+        ]
+        return "95% CI: " + "  ".join(parts) if parts else None
+
+    def interval_note(self) -> str | None:
+        if self.resamples <= 0:
+            return None
+        return (
+            f"95% CI: bootstrap over the samples ({self.resamples} resamples, references fixed), "
+            "for the FD infinitely many samples would give (bias-corrected: it can sit below "
+            "the value)"
         )
 
 
@@ -236,17 +301,46 @@ class PointSuite:
         }
 
     def table_row(self, m: dict[str, float], key: str) -> str:
-        return f"{m[f'energy/{key}']:8.4f} {m[f'mmd/{key}']:8.4f}"
+        return f"{sig(m[f'energy/{key}']):>8} {sig(m[f'mmd/{key}']):>8}"
+
+    def interval_row(self, m: dict[str, float], key: str) -> str | None:
+        return None
+
+    def interval_note(self) -> str | None:
+        return None
 
 
 Suite = ImageSuite | PointSuite
+
+
+#: The fewest points each side of the k-nearest-neighbour metrics (precision, recall, density,
+#: coverage; k = 3) may have: the k-th neighbour of a point other than itself must exist.
+MIN_POINTS = quality.K + 1
+
+
+def check_sizes(data: Dataset, num_samples: int) -> None:
+    """A tiny image folder (or split) is refused in one sentence naming the minimum, before any
+    metric divides by it (k-NN radii on 2 held-out images, statistics of an empty split)."""
+    for what, n in (
+        ("training split", len(data.train_x)),
+        ("held-out split", len(data.test_x)),
+        ("eval.num_samples", num_samples),
+    ):
+        if n < MIN_POINTS:
+            raise UserError(
+                f"{data.name}: the {what} has {n} items, but the metrics (k-nearest neighbours, "
+                f"k={quality.K}) need at least {MIN_POINTS} in each split and in eval.num_samples; "
+                "add data (an image folder holds out every 1/data.test_fraction-th image, so "
+                f"{MIN_POINTS * 10} images at 0.1) or raise data.test_fraction / eval.num_samples"
+            )
 
 
 def suite_for(
     data: Dataset, num_samples: int, seed: int, device: torch.device, fid: bool = False, **image
 ) -> Suite:
     """The one place that picks a data kind's metrics. ``image``: ``ImageSuite``'s options
-    (``features``, ``inception_dir``, ``cache_dir``, ``fid_extractor``, ``decoder``)."""
+    (``features``, ``inception_dir``, ``cache_dir``, ``fid_extractor``, ``decoder``,
+    ``resamples``); points take none of them."""
     if data.kind == "points":
         if fid:
             raise UserError(f"eval.fid=true needs images, but {data.name} holds 2-D points")
