@@ -54,7 +54,6 @@ import torch
 from torch import Tensor
 
 from bench.data import Batch
-from bench.guidance import drop_labels
 from bench.options import Positive, PositiveInt, Probability, Range
 from methods.base import Nets
 from methods.common import bcast, interpolate, noise
@@ -145,7 +144,7 @@ class AlphaFlow(MeanFlow):
         net, x1, x0 = nets.online, batch.x1, noise(batch)
         t, d = self.sample_times(x1.shape[0], x1.device)
         xt = interpolate(x0, x1, t)
-        y = drop_labels(batch.y, self.label_dropout, net.num_classes)
+        y = self.drop_labels(batch.y, net.num_classes)  # MeanFlow's (each row, label_dropout)
         v = self.guided_velocity(net, xt, t, x1 - x0, y)
         if alpha == 0.0:  # the MeanFlow limit: its JVP target
             u, target = self.prediction_and_target(net, xt, t, d, y, v)

@@ -141,3 +141,24 @@ def test_curriculum():
     lin = AlphaFlow(total_steps=100, alpha_schedule="linear", alpha_from=0.2, alpha_to=0.6)
     assert [lin.alpha(s) for s in (0, 20, 40, 60, 90)] == pytest.approx([1, 1, 0.5, 0, 0])
     assert constant(0.003).alpha(0) == 0.0 and constant(0.997).alpha(0) == 1.0  # the clamp
+
+
+def test_cli_trains_and_evaluates_alpha_flow(tmp_path):
+    import json
+
+    from conftest import SMOKE, run_cli
+
+    env = {"MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path}/m.db"}
+    proc = run_cli(
+        "method=alpha_flow",
+        "train.steps=2",
+        *SMOKE,
+        f"paths.root={tmp_path}",
+        cwd=tmp_path,
+        env=env,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    (rd,) = (tmp_path / "runs").iterdir()
+    state = json.loads((rd / "state.json").read_text())
+    assert rd.name.startswith("alpha_flow-") and state["status"] == "finished"
+    assert state["budget"]["budget/forward_equivalents"] == 2 * 8 * 4.0

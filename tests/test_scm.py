@@ -250,3 +250,30 @@ def test_one_step_samples_learn_the_gaussian_map():
     x0 = torch.randn(2000, 2, generator=torch.Generator().manual_seed(7))
     rms = float((m.sample(ema.net, x0, 1) - (mu + std * x0)).square().sum(1).mean().sqrt())
     assert rms < 0.25, f"sCT 1-step RMS error {rms:.3f}"
+
+
+@pytest.mark.parametrize("teacher", [False, True], ids=["sCT", "sCD"])
+def test_cli_trains_and_evaluates_scm(tmp_path, teacher):
+    """The real job on the DiT (digits16): the JVP through attention, the logvar head trained by
+    the trainer, the budget as stated; sCD trains its flow-matching teacher first."""
+    import json
+
+    from conftest import SMOKE, run_cli
+
+    env = {"MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path}/m.db"}
+    extra = ["+method.teacher.method=flow_matching"] if teacher else []
+    proc = run_cli(
+        "method=scm",
+        "train.steps=2",
+        *SMOKE,
+        *extra,
+        f"paths.root={tmp_path}",
+        cwd=tmp_path,
+        env=env,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "FD(train)" in proc.stdout
+    (rd,) = [p for p in (tmp_path / "runs").iterdir() if p.name.startswith("scm-")]
+    state = json.loads((rd / "state.json").read_text())
+    assert state["status"] == "finished"
+    assert state["budget"]["budget/train_samples"] == 2 * 8
