@@ -180,7 +180,12 @@ class Top:
     deterministic: Literal["auto", True, False]
     eval_only: bool
     compute_budget: Positive | None
-    recipe: Literal["shared", "official"]
+    plan: bool  # bench.plan: print what a sweep costs, train nothing
+    allow_long_cpu: bool  # bench.plan.guard: let a CPU job estimated over an hour start
+    # The groups, each checked by its own spec below (or by its constructor). ``recipe`` is a
+    # Hydra config group too: Hydra refuses a choice it has no file for.
+    recipe: Any
+    planning: Any
     # The groups, each checked by its own spec below (or by its constructor).
     data: Any
     size: Any
