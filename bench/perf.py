@@ -229,6 +229,7 @@ class TrainingRow:
         self.method.begin_stage(0, self.trainer.nets, self.trainer.context(), True)
         self.net.train()
         self.rows = random_batch(batch, shape, cfg.num_classes, device)
+        self.shape, self.num_classes = tuple(shape), cfg.num_classes
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
         self.total = torch.zeros((), device=device)
@@ -250,6 +251,9 @@ class TrainingRow:
         switch(self.device, self.v)
         syncs = host_syncs(self.step, self.device)
         ops = profile(self.step, self.device) if self.ctx["profile"] else None
+        fed = data_wait(
+            self.trainer, self.batch, self.shape, self.num_classes, self.device, self.v.iters
+        )
         fe = float(self.method.cost().per_sample)
         gflops = self.net.gflops()
         flops = 2 * gflops * 1e9 * fe * self.batch  # multiply-adds x 2
@@ -277,11 +281,43 @@ class TrainingRow:
             "mfu": flops / (ms.median / 1e3) / (peak * 1e12) if peak else None,
             "peak_mem_gib": peak_memory_gib(self.device),
             "host_syncs_per_step": syncs,
+            **fed,
             "profile": ops,
         }
 
     def close(self) -> None:
         self.run_dir.cleanup()
+
+
+def data_wait(trainer: Trainer, batch: int, shape, num_classes: int, device, iters: int) -> dict:
+    """The same step fed by the input pipeline (bench.loader: a memory-mapped latent store of
+    ``4 x batch`` random rows, a posterior draw and a mirror per row, pinned and prefetched one
+    step ahead on a GPU): ms/step and the ms a step waited for its batch. Measured once, after
+    the interleaved rounds: it is the pipeline's overhead, not a timing to compare rows by."""
+    import time
+
+    from bench.data import latents
+    from bench.loader import Loader
+    from bench.store import synthetic_latents
+
+    def sync() -> None:
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+
+    with tempfile.TemporaryDirectory() as folder:
+        synthetic_latents(Path(folder), 4 * batch + 1, tuple(shape), classes=num_classes)
+        trainer.data = latents(folder, test_fraction=0.0, flip=True, posterior="sample")
+        trainer.loader = Loader(trainer.loader.make, device)
+        trainer.train_step()  # the first batch is made on demand: not a steady-state wait
+        trainer.loader.wait_s = 0.0
+        sync()
+        tick = time.perf_counter()
+        for _ in range(iters):
+            trainer.train_step()
+        sync()
+        ms = (time.perf_counter() - tick) / iters * 1e3
+        trainer.loader.close()
+    return {"ms_per_step_fed": ms, "data_wait_ms_per_step": trainer.loader.wait_s / iters * 1e3}
 
 
 def prepare_row(cfg, size, v, method, batch, shape, device, ctx) -> TrainingRow | dict:

@@ -54,7 +54,10 @@ def composed_keys() -> list[tuple[str, object]]:
     values = OmegaConf.to_container(cfg, resolve=True)
     specs = {"train": schema.Train, "eval": schema.Eval, "data": schema.ImageFolder}
     specs |= {"paths": schema.Paths, "tracking": schema.Tracking, "objective": schema.Objective}
-    out = [(schema.Top, k) for k, v in values.items() if not isinstance(v, dict)]
+    # A top-level word that names a config group (recipe=official) is Hydra's choice of a file,
+    # checked by Hydra; the rest are the schema's.
+    scalars = [k for k, v in values.items() if not isinstance(v, dict)]
+    out = [(schema.Top, k) for k in scalars if not (CONFIG_DIR / k).is_dir()]
     for group, spec in specs.items():
         out += [(spec, f"{group}.{k}") for k in values[group] if k != "_target_"]
     return out

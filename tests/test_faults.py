@@ -295,23 +295,47 @@ def test_sigterm_exits_3_marks_the_run_killed_and_the_rerun_resumes(uninterrupte
 
 
 @pytest.mark.slow
-def test_a_stop_signal_during_evaluation_keeps_the_budgets_done(compose, mlflow_uri, tmp_path):
+def test_a_stop_signal_during_evaluation_keeps_the_budgets_done(
+    compose, mlflow_uri, tmp_path, monkeypatch, capsys
+):
     """A signal after training stops between evaluation budgets: those done stay in state.json,
-    the MLflow run is KILLED, and the rerun evaluates only the rest."""
+    the MLflow run is KILLED, and the rerun evaluates only the rest. A finished run that is only
+    re-evaluated keeps FINISHED (its numbers are whole) and records the stop as ``last_error``."""
+    from bench.evaluate import Evaluator
+
     common = [*JOB, "train.steps=2", f"paths.root={tmp_path}", f"tracking.uri={mlflow_uri}"]
-    job(compose(*common, "eval.budgets=[1]"))
     stopped = Preemption()
-    stopped.signum = signal.SIGUSR1  # as if the handler had run
+    store = Evaluator.store
+
+    def store_then_signal(self, *args, **kwargs):  # SIGUSR1 arrives once a budget is stored
+        store(self, *args, **kwargs)
+        stopped.signum = signal.SIGUSR1  # as if the handler had run
+
+    monkeypatch.setattr(Evaluator, "store", store_then_signal)
     with pytest.raises(Preempted, match=r"SIGUSR1 at step 2; evaluated budgets \[1\] are saved"):
         job(compose(*common, "eval.budgets=[1,4]"), stopped)
-    assert json.loads((run_dir(tmp_path) / "state.json").read_text())["status"] == "preempted"
+    state = json.loads((run_dir(tmp_path) / "state.json").read_text())
+    assert state["status"] == "preempted" and list(state["evaluated"].values())[0].keys() == {"1"}
     client = mlflow.tracking.MlflowClient(mlflow_uri)
     (run,) = client.search_runs([client.get_experiment_by_name("fewstep-bench").experiment_id])
     assert run.info.status == "KILLED" and "fd/train/steps_4" not in run.data.metrics
 
+    monkeypatch.setattr(Evaluator, "store", store)
+    capsys.readouterr()
     job(compose(*common, "eval.budgets=[1,4]"))
+    assert "already evaluated at [1] steps; evaluating [4]" in capsys.readouterr().out
     (run,) = client.search_runs([run.info.experiment_id])
     assert run.info.status == "FINISHED" and "fd/train/steps_4" in run.data.metrics
+
+    # Re-evaluating the finished run at a new budget, stopped before it: still FINISHED.
+    stopped.signum = None
+    monkeypatch.setattr(Evaluator, "store", store_then_signal)
+    with pytest.raises(Preempted, match=r"evaluated budgets \[1, 4\] are saved"):
+        job(compose(*common, "eval.budgets=[1,4,8]"), stopped)
+    state = json.loads((run_dir(tmp_path) / "state.json").read_text())
+    assert state["status"] == "finished" and "SIGUSR1" in state["last_error"]
+    (run,) = client.search_runs([run.info.experiment_id])
+    assert run.info.status == "FINISHED" and "fd/train/steps_8" not in run.data.metrics
 
 
 # -- 4. concurrency --------------------------------------------------------------------------------

@@ -16,7 +16,7 @@ default features of a user's folder: a random CNN z-scored on the training split
 6. the same call twice gives identical values.
 """
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import pytest
@@ -47,7 +47,9 @@ def shapes_folder(root):
         folder = root / SHAPES[label]
         folder.mkdir(exist_ok=True)
         Image.fromarray(img).save(folder / f"{i:05d}.png")
-    return data.image_folder(str(root), resolution=16, channels=3)
+    ds = data.image_folder(str(root), resolution=16, channels=3)
+    # A folder is read as memory-mapped rows; the ladders below do tensor arithmetic on its images.
+    return replace(ds, train_x=ds.train_x[:], test_x=ds.test_x[:])
 
 
 @dataclass

@@ -36,7 +36,9 @@ def evaluate_all(cfg, world: ddp.World) -> dict | None:
     for steps in ev.budgets:
         shard.announce(steps, world)
         r = ev.evaluate(method, net, steps)
-        out[steps] = (r.samples, {k: v for k, v in r.metrics.items() if "img_per_s" not in k})
+        # float(): a bootstrap bound may be a numpy scalar, which torch.load(weights_only) refuses
+        metrics = {k: float(v) for k, v in r.metrics.items() if "img_per_s" not in k}
+        out[steps] = (r.samples, metrics)
     shard.announce(None, world)
     return out
 
