@@ -153,6 +153,12 @@ def assumed_rate(dev: Device, gflops: float, utilisation: float | None) -> Rate:
     return Rate(s, s, f"assumed: {dev.peak_tflops:g} TFLOP/s {what} x {u:.0%} utilisation")
 
 
+def resident_bytes(x) -> int:
+    """Host memory a split holds for the whole run: a tensor all of it; memory-mapped rows
+    (``bench.store.Rows``, a folder or store read per batch) none -- the OS caches the pages."""
+    return x.numel() * x.element_size() if isinstance(x, torch.Tensor) else 0
+
+
 # -- one job ---------------------------------------------------------------------------------------
 @dataclass
 class JobPlan:
@@ -293,7 +299,7 @@ def plan_job(
     peak = memory_gb(net, batch, gpus, precision, ckpt, models)
     data_gb = (
         sum(
-            x.numel() * x.element_size()
+            resident_bytes(x)
             for x in (getattr(data, "train_x", None), getattr(data, "test_x", None))
             if x is not None
         )

@@ -27,9 +27,8 @@ from pathlib import Path
 import hydra
 from omegaconf import DictConfig
 
-from bench import checkpoint, schema, shard
+from bench import checkpoint, plan, schema, shard
 from bench import distributed as ddp
-from bench import plan
 from bench.budget import training_budget
 from bench.build import (
     CONFIG_DIR,

@@ -203,7 +203,10 @@ def test_torchrun_with_two_processes_logs_one_run_and_matches_grad_accum_2(tmp_p
 
     import mlflow
 
-    runs = mlflow.search_runs(experiment_names=["ddp"], output_format="list")
+    # The store of this test by name: an earlier test's in-process job may have set MLflow's
+    # global tracking URI to its own store.
+    client = mlflow.tracking.MlflowClient(mlflow_uri)
+    runs = client.search_runs([client.get_experiment_by_name("ddp").experiment_id])
     assert len(runs) == 2  # one per command: rank 1 logged nothing of its own
     by_dir = {r.data.tags["run_dir"]: r for r in runs}
     run = by_dir[str(rd2.resolve())]
@@ -225,4 +228,7 @@ def test_a_batch_that_does_not_split_fails_before_any_run_exists(tmp_path, mlflo
     assert not (tmp_path / "runs").exists()  # no run directory, no MLflow run left RUNNING
     import mlflow
 
-    assert mlflow.search_runs(search_all_experiments=True, output_format="list") == []
+    client = mlflow.tracking.MlflowClient(mlflow_uri)  # this test's store, whatever is global
+    assert client.search_experiments() == [] or all(
+        client.search_runs([e.experiment_id]) == [] for e in client.search_experiments()
+    )

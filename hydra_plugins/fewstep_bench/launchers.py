@@ -105,6 +105,8 @@ class PlannedSlurmLauncher(SlurmLauncher):
         assert self.config is not None
         sweep_dir = Path(str(self.config.hydra.sweep.dir))
         sweep_dir.mkdir(parents=True, exist_ok=True)
+        # The line hydra-submitit-launcher prints, so a log reads the same under either launcher.
+        print(f"Submitit 'slurm' sweep output dir : {sweep_dir}", flush=True)
         groups: dict[tuple, list[int]] = {}
         for i, cfg in enumerate(job_configs(self, job_overrides)):
             groups.setdefault(tuple(request(cfg).items()), []).append(i)
