@@ -170,7 +170,8 @@ class Evaluator:
             )
         results: dict[int, dict[str, float]] = {}
         # Budgets are watched for stop signals between them (each finished one is saved).
-        with preemption.watching() if preemption else contextlib.nullcontext():
+        watching = preemption.watching() if preemption else contextlib.nullcontext()
+        with watching, record.evaluating():
             for steps in self.budgets:
                 if str(steps) in done:
                     # Logged again with its protocol: the tracking store's latest value of a

@@ -285,6 +285,20 @@ class RunRecord:
         self.metrics({**budget, "budget/train_wall_s": self.state["train_wall_s"]})
 
     # -- evaluation ---------------------------------------------------------------------------
+    @contextmanager
+    def evaluating(self) -> Iterator[None]:
+        """Around the evaluation phase: adds its wall time to ``eval_wall_s`` (summed over every
+        start that evaluated), in state.json and, when the phase ends well, as an MLflow metric."""
+        tick = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.state["eval_wall_s"] = self.state.get("eval_wall_s", 0.0) + (
+                time.perf_counter() - tick
+            )
+            self.save()
+        self.metrics({"budget/eval_wall_s": self.state["eval_wall_s"]})
+
     def evaluated(self, key: str) -> dict[str, dict[str, float]]:
         """The metrics stored under the evaluation protocol ``key``, by budget (``"1"``, ...)."""
         return dict(self.state.get("evaluated", {}).get(key, {}))

@@ -31,7 +31,7 @@ import pandas as pd
 from omegaconf import DictConfig
 
 from bench.errors import UserError
-from reports import figures, tables
+from reports import figures, tables, timing
 from reports.collect import Collected, collect, search
 
 
@@ -105,6 +105,7 @@ def render_html(
     significance: list[str],
     legend: list[str],
     paired_html: str = "",
+    timing_html: str = "",
 ) -> str:
     rel = lambda p: p.relative_to(out).as_posix()  # noqa: E731
     e = html.escape
@@ -128,6 +129,8 @@ def render_html(
     if paired_html:
         parts += ["<h2>Paired differences</h2>", paired_html]
         parts.append(f"<p class='note'>{e(tables.PAIRED_LEGEND)}</p>")
+    if timing_html:
+        parts += ["<h2>Estimated vs measured time</h2>", timing_html]
     if notes:
         parts.append(
             "<h2>Notes</h2><ul>"
@@ -293,6 +296,14 @@ def build(cfg: DictConfig) -> Path:
             "",
         ]
         md += [tables.PAIRED_LEGEND]
+    estimates = timing.estimate_frame(c.runs)
+    timing_lines = timing.summary(estimates, c.runs)
+    if timing_lines:
+        md += ["", "## Estimated vs measured time", ""] + [f"- {x}" for x in timing_lines]
+    if not estimates.empty:
+        shown = timing.table(estimates)
+        md += ["", shown.to_markdown(index=False, disable_numparse=True)]
+        estimates.to_csv(out / "timing.csv", index=False)
     if notes:
         md += ["", "## Notes", ""] + [f"- {n}" for n in notes]
     md += ["", "## Figures", ""] + [
@@ -320,6 +331,12 @@ def build(cfg: DictConfig) -> Path:
             significance,
             table.legend,
             paired_html,
+            "".join(f"<p class='note'>{html.escape(x)}</p>" for x in timing_lines)
+            + (
+                timing.table(estimates).to_html(index=False, classes="comparison", border=0)
+                if not estimates.empty
+                else ""
+            ),
         )
     )
     tex = [f"% {protocol}"] + [f"% {x}" for x in table.legend] + [f"% {s}" for s in significance]

@@ -61,6 +61,10 @@ RUN_COLUMNS = {
     "metrics.budget/train_samples": "train_samples",
     "metrics.budget/forward_equivalents": "forward_equivalents",
     "metrics.budget/train_wall_s": "train_wall_s",
+    "metrics.budget/eval_wall_s": "eval_wall_s",
+    "tags.plan/est_train_s": "est_train_s",  # bench.plan's estimates (reports/timing.py)
+    "tags.plan/est_eval_s": "est_eval_s",
+    "tags.plan/source": "est_source",
 }
 #: Protocol fields a reader needs to tell two columns apart, in the order they are printed.
 PROTOCOL_ORDER = (

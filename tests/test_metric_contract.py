@@ -4,6 +4,7 @@ version is a new evaluation key (stored numbers are measured again, never shown 
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 
 import torch
@@ -55,6 +56,9 @@ class Record:
 
     def store_evaluation(self, key, settings, steps, metrics):
         self.stored.setdefault(key, {})[str(steps)] = metrics
+
+    def evaluating(self):
+        return contextlib.nullcontext()
 
 
 def evaluator(data, budgets=(1, 2)):
