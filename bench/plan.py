@@ -499,8 +499,8 @@ def tags(p: JobPlan | None) -> dict[str, str]:
         "plan/est_wall_s": f"{p.wall_s:.1f}",
         # The whole training and every budget, whatever this start reuses: what the run's
         # measured train_wall_s / eval_wall_s (summed over its starts) compare with.
-        "plan/est_train_s": f"{p.train_s:.1f}",
-        "plan/est_eval_s": f"{p.eval_s:.1f}",
+        "plan/est_train_s": f"{p.train_s:.6g}",
+        "plan/est_eval_s": f"{p.eval_s:.6g}",
         "plan/source": p.source[:250],
     }
 
