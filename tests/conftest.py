@@ -84,6 +84,17 @@ class Analytic(torch.nn.Module):
 
 
 @pytest.fixture(autouse=True)
+def _no_global_tracking_uri(monkeypatch):
+    """Each test starts with MLflow's tracking URI unset. An in-process job given tracking.uri
+    sets it for the whole process (and in the environment, for subprocesses); left set, it would
+    send a later test's runs to an earlier test's store."""
+    import mlflow
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)  # restored after the test
+    mlflow.set_tracking_uri(None)
+
+
+@pytest.fixture(autouse=True)
 def _store_dir(tmp_path, monkeypatch):
     """Packed image stores (bench.store) go under the test's own folder, not the user's cache."""
     monkeypatch.setenv("FEWSTEP_STORE_DIR", str(tmp_path / "stores"))
