@@ -72,6 +72,20 @@ def test_a_mixed_sweep_names_the_shared_teacher_once_and_the_finished_runs(tmp_p
     assert not list(tmp_path.glob("runs/*/checkpoint.pt"))  # nothing trained
 
 
+@pytest.mark.parametrize("launcher", ["local", "submitit_local"])
+def test_plan_works_under_the_local_launchers_and_starts_nothing(tmp_path, launcher):
+    """plan=true replaces whichever launcher is chosen: the same plan lines, no job run, no
+    submitit folder, no run directory (SLURM: tests/test_slurm.py)."""
+    common = [f"paths.root={tmp_path}", no_records(tmp_path), f"hydra/launcher={launcher}"]
+    got = run_cli("-m", "method=shortcut,flow_matching", "plan=true", *common, cwd=tmp_path)
+    assert got.returncode == 0, got.stderr[-3000:]
+    lines = got.stdout.strip().splitlines()
+    assert lines[0].startswith("plan: 2 job(s) on cpu") and lines[-1].startswith("total: ")
+    assert len([ln for ln in lines if ln.startswith("[")]) == 2
+    assert "SLURM" not in got.stdout  # a local launcher asks no scheduler for anything
+    assert not (tmp_path / "runs").exists() and not list(tmp_path.rglob(".submitit"))
+
+
 def stub_data(shape=(4, 32, 32)):
     return SimpleNamespace(shape=shape, num_classes=0, train_x=None, test_x=None)
 
