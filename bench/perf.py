@@ -294,15 +294,9 @@ def data_wait(trainer: Trainer, batch: int, shape, num_classes: int, device, ite
     ``4 x batch`` random rows, a posterior draw and a mirror per row, pinned and prefetched one
     step ahead on a GPU): ms/step and the ms a step waited for its batch. Measured once, after
     the interleaved rounds: it is the pipeline's overhead, not a timing to compare rows by."""
-    import time
-
     from bench.data import latents
     from bench.loader import Loader
     from bench.store import synthetic_latents
-
-    def sync() -> None:
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
 
     with tempfile.TemporaryDirectory() as folder:
         synthetic_latents(Path(folder), 4 * batch + 1, tuple(shape), classes=num_classes)
@@ -310,12 +304,7 @@ def data_wait(trainer: Trainer, batch: int, shape, num_classes: int, device, ite
         trainer.loader = Loader(trainer.loader.make, device)
         trainer.train_step()  # the first batch is made on demand: not a steady-state wait
         trainer.loader.wait_s = 0.0
-        sync()
-        tick = time.perf_counter()
-        for _ in range(iters):
-            trainer.train_step()
-        sync()
-        ms = (time.perf_counter() - tick) / iters * 1e3
+        ms = timed(lambda i: trainer.train_step(), iters, device) / iters * 1e3
         trainer.loader.close()
     return {"ms_per_step_fed": ms, "data_wait_ms_per_step": trainer.loader.wait_s / iters * 1e3}
 

@@ -271,10 +271,12 @@ class RunRecord:
                 f"{e}; the run is marked FAILED and its last good checkpoint is kept in {self.dir}"
             ) from e
         finally:
-            self.state["train_wall_s"] = self.state.get("train_wall_s", 0.0) + (
-                time.perf_counter() - tick
-            )
-            self.save()
+            self._add_wall("train_wall_s", tick)
+
+    def _add_wall(self, key: str, tick: float) -> None:
+        """Adds the time since ``tick`` to ``state[key]`` (summed over every start) and saves."""
+        self.state[key] = self.state.get(key, 0.0) + (time.perf_counter() - tick)
+        self.save()
 
     def store_budget(self, budget: dict[str, float], steps_done: int) -> None:
         """The training budget (bench.budget: samples seen, forward-equivalents, a teacher's
@@ -293,10 +295,7 @@ class RunRecord:
         try:
             yield
         finally:
-            self.state["eval_wall_s"] = self.state.get("eval_wall_s", 0.0) + (
-                time.perf_counter() - tick
-            )
-            self.save()
+            self._add_wall("eval_wall_s", tick)
         self.metrics({"budget/eval_wall_s": self.state["eval_wall_s"]})
 
     def evaluated(self, key: str) -> dict[str, dict[str, float]]:
