@@ -169,7 +169,13 @@ def make_evaluator(
     from bench.metrics.suites import suite_for
 
     e = cfg.eval
-    if not world.main:  # samples its share of every budget rank 0 announces; no metrics
+    decoder = make(e.decoder).to(device).eval() if e.get("decoder") else None
+    if not world.main:  # samples (and featurizes for FID) its share of every budget; no metrics
+        from bench.metrics.suites import SampleFeatures
+
+        featurize = None
+        if e.get("fid", False):
+            featurize = SampleFeatures.load(data, device, e.get("inception_dir"), decoder)
         return Evaluator(
             None,
             data,
@@ -181,6 +187,7 @@ def make_evaluator(
             budgets=tuple(e.budgets),
             weights=e.weights,
             world=world,
+            featurize=featurize,
         )
     cache = e.get("cache_dir") or (
         Path(cfg.data.path) / ".fewstep-stats"
@@ -197,7 +204,7 @@ def make_evaluator(
         resamples=e.get("bootstrap", 200),
         inception_dir=e.get("inception_dir"),
         cache_dir=cache,
-        decoder=make(e.decoder).to(device).eval() if e.get("decoder") else None,
+        decoder=decoder,
     )
     return Evaluator(
         suite,
@@ -213,6 +220,7 @@ def make_evaluator(
         save_samples=e.save_samples,
         interpolation=e.interpolation,
         world=world,
+        featurize=getattr(suite, "fid_features", None),
     )
 
 

@@ -22,8 +22,9 @@ import hashlib
 import json
 import time
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, NamedTuple
 
+import numpy as np
 import torch
 from torch import Tensor, nn
 
@@ -48,6 +49,21 @@ class BudgetResult:
     steps: int
     metrics: dict[str, float]
     samples: Tensor = field(repr=False)
+
+
+class Drawn(NamedTuple):
+    """One budget's samples (all of them, on rank 0), the seconds spent sampling, and the
+    sample-side FID features when the suite has FID (``None`` otherwise and on other ranks)."""
+
+    samples: Tensor | None
+    seconds: float
+    fid_features: np.ndarray | None
+
+
+def finite(x: Tensor) -> Tensor:
+    """Non-finite samples as finite extremes, so every metric can be computed (their share is
+    reported as ``nonfinite_fraction``)."""
+    return torch.nan_to_num(x, nan=0.0, posinf=1e3, neginf=-1e3)
 
 
 def fixed_noise(
@@ -77,6 +93,7 @@ class Evaluator:
         save_samples: bool = False,
         interpolation: bool = False,
         world: ddp.World = ddp.SINGLE,
+        featurize=None,
     ):
         self.suite, self.data, self.n, self.seed = suite, data, num_samples, seed
         self.batch_size, self.device = batch_size, device
@@ -84,6 +101,8 @@ class Evaluator:
         self.grids, self.save_samples, self.interpolation = grids, save_samples, interpolation
         self.x0, self.y = fixed_noise(data, num_samples, seed, conditional)
         self.world = world  # every process samples its share of the batches (bench.shard)
+        # Sample-side FID features, computed by the process that drew the samples (None: no FID)
+        self.featurize = featurize
 
     @property
     def floor(self) -> dict[str, float]:
@@ -113,11 +132,14 @@ class Evaluator:
         return f"v{METRICS_VERSION}-{hashlib.sha256(blob).hexdigest()[:16]}"
 
     @torch.no_grad()
-    def sample(self, method, net: nn.Module, steps: int) -> tuple[Tensor | None, float]:
-        """All ``num_samples`` samples at ``steps`` and the wall time spent sampling. Under DDP
-        each process samples its share of the batches (``bench.shard``: batch ``j`` on rank
-        ``j % W``, the same batches whatever ``W``) and rank 0 gets them all, in order, and the
-        wall time from the first batch to the last gathered sample; other ranks get ``None``."""
+    def sample(self, method, net: nn.Module, steps: int) -> Drawn:
+        """All ``num_samples`` samples at ``steps``, the wall time spent sampling, and the
+        sample-side features of the suite's FID when it has one. Under DDP each process samples
+        its share of the batches (``bench.shard``: batch ``j`` on rank ``j % W``, the same
+        batches whatever ``W``), computes the FID features of its own batches (Inception, and
+        a latent run's decoding, are the expensive part), and rank 0 gets them all, in order;
+        the wall time runs from the first batch to the last gathered sample. Other ranks get
+        ``None`` for both."""
         shard.wall_time_sync(self.device)
         tick = time.perf_counter()
         mine = {}
@@ -129,11 +151,20 @@ class Evaluator:
         gathered = shard.gather_batches(mine, self.world)
         shard.wall_time_sync(self.device)
         elapsed = time.perf_counter() - tick
-        return (None if gathered is None else torch.cat(gathered)), elapsed
+        samples = None if gathered is None else torch.cat(gathered)
+        if self.featurize is None:
+            return Drawn(samples, elapsed, None)
+        # Per sampling batch, so one process and W processes featurize exactly the same images
+        # in the same groups (and get the same features).
+        feats = {j: self.featurize(finite(x)) for j, x in mine.items()}
+        gathered_feats = shard.gather_batches(feats, self.world)
+        return Drawn(
+            samples, elapsed, None if gathered_feats is None else np.concatenate(gathered_feats)
+        )
 
     def evaluate(self, method, net: nn.Module, steps: int) -> BudgetResult:
         net.eval()
-        samples, elapsed = self.sample(method, net, steps)
+        samples, elapsed, fid_features = self.sample(method, net, steps)
         key = f"steps_{steps}"
         m = {
             f"nfe/{key}": float(method.nfe(steps, self.y is not None)),
@@ -141,8 +172,8 @@ class Evaluator:
         }
         if not torch.isfinite(samples).all():
             m["nonfinite_fraction/" + key] = float((~torch.isfinite(samples)).float().mean())
-            samples = torch.nan_to_num(samples, nan=0.0, posinf=1e3, neginf=-1e3)
-        m.update(self.suite.metrics(samples, key))
+            samples = finite(samples)
+        m.update(self.suite.metrics(samples, key, fid_features=fid_features))
         return BudgetResult(steps, m, samples)
 
     def run(

@@ -146,7 +146,7 @@ def _eval_rank(rank: int, world_size: int, port: int, samples: int, out: str) ->
         net.eval()
         ev = Evaluator(None, data, samples, 0, 64, torch.device("cpu"), cond, world=world)
         ddp.barrier(world)
-        x, elapsed = ev.sample(method, net, 4)
+        x, elapsed, _ = ev.sample(method, net, 4)
         if world.main:
             Path(out).write_text(json.dumps({"processes": world_size, "wall_s": elapsed}))
         del shard

@@ -77,3 +77,61 @@ def test_two_gloo_processes_give_the_samples_and_metrics_of_one(tmp_path, method
         assert torch.equal(sharded[steps][0], samples), f"samples differ at {steps} steps"
         assert sharded[steps][1] == metrics
     assert not torch.equal(single[1][0], single[4][0])  # the budgets did differ
+
+
+def counting_inception(folder: Path):
+    """A stand-in for clean-fid's Inception (``clean_fid.inception``): pooled colour features of
+    the [0, 255] 299x299 images, and a file per process counting the images it saw."""
+
+    def load(inception_dir, device):
+        def net(x):
+            seen = folder / f"rank{os.environ.get('RANK', '0')}.count"
+            before = int(seen.read_text()) if seen.exists() else 0
+            seen.write_text(str(before + len(x)))
+            return torch.nn.functional.adaptive_avg_pool2d(x.float() / 255, 4).flatten(1)
+
+        return net
+
+    return load
+
+
+def _rank_fid(rank: int, port: int, overrides: list[str], out: str) -> None:
+    from bench.metrics import clean_fid
+
+    os.environ["RANK"] = str(rank)
+    clean_fid.inception = counting_inception(Path(out) / "counts")
+    _rank(rank, port, overrides, out)
+
+
+def test_each_process_computes_the_fid_features_of_its_own_samples(tmp_path):
+    """clean-fid's features are computed where the samples are (the expensive part at 50k x
+    Inception, and a latent run's VAE decoding): rank 1 featurizes its batches, rank 0 gets the
+    features and the FID one process gives."""
+    from bench.metrics import clean_fid
+
+    (tmp_path / "counts").mkdir()
+    overrides = [
+        "method=shortcut",
+        *EVAL,
+        "eval.fid=true",
+        "eval.bootstrap=20",
+        f"eval.cache_dir={tmp_path / 'stats'}",
+    ]
+    real = clean_fid.inception
+    try:
+        clean_fid.inception = counting_inception(tmp_path / "single")
+        (tmp_path / "single").mkdir()
+        single = evaluate_all(compose_cfg(*overrides), ddp.SINGLE)
+    finally:
+        clean_fid.inception = real
+    mp.spawn(_rank_fid, args=(free_port(), overrides, str(tmp_path)), nprocs=2)
+    sharded = torch.load(tmp_path / "sharded.pt")
+    for steps, (samples, metrics) in single.items():
+        assert "fid/steps_%d" % steps in metrics
+        assert torch.equal(sharded[steps][0], samples)
+        assert sharded[steps][1] == metrics, f"metrics differ at {steps} steps"
+    # 40 samples in batches of 8: rank 0 holds batches 0, 2, 4 (24 images), rank 1 batches 1, 3
+    # (16), at each of the two budgets; the reference statistics come from a cache (rank 0's
+    # set-up computed them once in the single-process run above).
+    counts = {p.stem: int(p.read_text()) for p in (tmp_path / "counts").glob("*.count")}
+    assert counts == {"rank0": 2 * 24, "rank1": 2 * 16}

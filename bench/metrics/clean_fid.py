@@ -67,6 +67,10 @@ def features(images: Iterator[Tensor], n: int, batch_size: int, extractor, devic
     """
     from cleanfid.fid import get_model_features
 
+    # No batch larger than the images: clean-fid pads every batch to batch_size, and a process's
+    # share of a sharded evaluation is one sampling batch at a time (bench.evaluate).
+    batch_size = max(1, min(batch_size, n))
+
     def G(z: Tensor) -> Tensor:  # noqa: N802 -- clean-fid's name for the generator
         batch = next(images)
         if len(batch) < len(z):  # pad the last batch; the extra rows are cut off below

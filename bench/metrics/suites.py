@@ -24,6 +24,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -49,6 +50,59 @@ class FID:
     stats: Stats
     name: str
     path: Path
+
+
+@torch.no_grad()
+def decode(decoder, x: Tensor, device: torch.device) -> Tensor:
+    """Latents -> images in [-1, 1] with ``decoder`` (pixels pass through when it is None)."""
+    if decoder is None:
+        return x
+    return decoder(x.to(device)).float().cpu().clamp(-1, 1)
+
+
+def fid_decoder(data: Dataset, decoder, device: torch.device):
+    """The decoder FID sees a data set's samples through: ``decoder`` (``eval.decoder``), else
+    for latents written by bench.encode the VAE and scale their latents.json names, else none
+    (pixels); latents without either are refused in one sentence."""
+    if data.kind == "latent" and decoder is None and data.latent is not None:
+        from bench.vae import VAEDecoder
+
+        info = data.latent
+        decoder = VAEDecoder(info.vae, info.scaling_factor).to(device).eval()
+    if data.kind == "latent" and decoder is None:
+        raise UserError(
+            "eval.fid=true on latents needs eval.decoder (a _target_ that maps latents to "
+            "images in [-1, 1], e.g. bench.vae.VAEDecoder) or latents written by "
+            "python -m bench.encode, whose latents.json names the VAE"
+        )
+    return decoder
+
+
+@dataclass
+class SampleFeatures:
+    """clean-fid features of generated samples: the extractor and the decoder a latent run's
+    samples go through first. Every process of a sharded evaluation holds one and featurizes
+    its own share (bench.evaluate); only rank 0 holds the reference statistics."""
+
+    extractor: object
+    device: torch.device
+    decoder: object | None = None
+
+    def __call__(self, samples: Tensor) -> np.ndarray:
+        from bench.metrics import clean_fid
+
+        transform = None
+        if self.decoder is not None:
+            transform = lambda x: decode(self.decoder, x, self.device)  # noqa: E731
+        return clean_fid.sample_features(samples, self.extractor, self.device, transform=transform)
+
+    @classmethod
+    def load(cls, data: Dataset, device: torch.device, inception_dir, decoder) -> SampleFeatures:
+        """A process other than rank 0: clean-fid's Inception and the run's decoder only."""
+        from bench.metrics import clean_fid
+
+        decoder = fid_decoder(data, decoder, device)
+        return cls(clean_fid.inception(inception_dir, device), device, decoder)
 
 
 class ImageSuite:
@@ -105,29 +159,15 @@ class ImageSuite:
         self.floor = {k: v for k, v in self.floor.items() if not k.startswith("fd/test/")}
         self.fid = self._setup_fid(inception_dir, cache_dir, fid_extractor) if fid else None
 
-    @torch.no_grad()
     def decode(self, x: Tensor) -> Tensor:
         """Latents -> images in [-1, 1] with the decoder (pixels pass through)."""
-        if self.decoder is None:
-            return x
-        return self.decoder(x.to(self.device)).float().cpu().clamp(-1, 1)
+        return decode(self.decoder, x, self.device)
 
     def _setup_fid(self, inception_dir, cache_dir, extractor) -> FID:
         from bench.metrics import clean_fid
 
         data = self.data
-        if data.kind == "latent" and self.decoder is None and data.latent is not None:
-            # Latents from bench.encode name their VAE and scale: decode with exactly those.
-            from bench.vae import VAEDecoder
-
-            info = data.latent
-            self.decoder = VAEDecoder(info.vae, info.scaling_factor).to(self.device).eval()
-        if data.kind == "latent" and self.decoder is None:
-            raise UserError(
-                "eval.fid=true on latents needs eval.decoder (a _target_ that maps latents to "
-                "images in [-1, 1], e.g. bench.vae.VAEDecoder) or latents written by "
-                "python -m bench.encode, whose latents.json names the VAE"
-            )
+        self.decoder = fid_decoder(data, self.decoder, self.device)
         name = "custom" if extractor is not None else "inception-v3-clean"
         if extractor is None:
             extractor = clean_fid.inception(inception_dir, self.device)
@@ -155,6 +195,13 @@ class ImageSuite:
             transform=self.decode if self.decoder is not None else None,
         )
         return FID(extractor, stats, name, path)
+
+    @property
+    def fid_features(self) -> SampleFeatures | None:
+        """What each process computes from its own samples for FID (None without FID)."""
+        if self.fid is None:
+            return None
+        return SampleFeatures(self.fid.extractor, self.device, self.decoder)
 
     def protocol(self) -> dict[str, str]:
         p = {
@@ -228,16 +275,14 @@ class ImageSuite:
             m[f"{base}/ci95_low/{key}"], m[f"{base}/ci95_high/{key}"] = ci.low, ci.high
         return m
 
-    def metrics(self, samples: Tensor, key: str) -> dict[str, float]:
-        """The feature-space metrics, and FID (with its interval) when it is set up."""
+    def metrics(
+        self, samples: Tensor, key: str, fid_features: np.ndarray | None = None
+    ) -> dict[str, float]:
+        """The feature-space metrics, and FID (with its interval) when it is set up, from
+        ``fid_features`` when the processes that drew the samples computed them (bench.evaluate)."""
         m = self.feature_metrics(samples, key)
         if self.fid is not None:
-            from bench.metrics import clean_fid
-
-            transform = self.decode if self.decoder is not None else None
-            feats = clean_fid.sample_features(
-                samples, self.fid.extractor, self.device, transform=transform
-            )
+            feats = fid_features if fid_features is not None else self.fid_features(samples)
             m.update(self.frechet(feats, Stats.of(feats), self.fid.stats, "fid", key))
         return m
 
@@ -292,7 +337,8 @@ class PointSuite:
             "eval.reference": f"{self.data.name} held-out draw ({len(self.reference)} points)",
         }
 
-    def metrics(self, x: Tensor, key: str) -> dict[str, float]:
+    def metrics(self, x: Tensor, key: str, fid_features=None) -> dict[str, float]:
+        """``fid_features``: always None (points have no FID; the evaluator's signature)."""
         return {
             f"energy/{key}": points.energy_distance(x, self.reference),
             f"mmd/{key}": points.rbf_mmd2(x, self.reference),
