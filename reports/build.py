@@ -44,6 +44,35 @@ def loss_history(c: Collected, client) -> pd.DataFrame:
     return pd.DataFrame(rows, columns=["label", "step", "loss"])
 
 
+def eval_history(client, values: pd.DataFrame, metric: str) -> pd.DataFrame:
+    """The curves of evaluation during training (``eval.every``, bench.curves) of every run in
+    the table: each logged point of ``curve/<metric>/steps_<N>`` as a row (the run's table row,
+    seed, budget N, training step, value). Interval bounds (``curve/<metric>/ci95_low/...``) are
+    other metrics and are left out."""
+    prefix = f"curve/{metric}/steps_"
+    runs = values.drop_duplicates("run_id").set_index("run_id")
+    rows = []
+    for rid, run in runs.iterrows():
+        names = [k for k in client.get_run(rid).data.metrics if k.startswith(prefix)]
+        for name in names:
+            budget = name[len(prefix) :]
+            if not budget.isdigit():
+                continue
+            for m in client.get_metric_history(rid, name):
+                rows.append(
+                    {
+                        "row": run["row"],
+                        "column_tag": run.get("column_tag", ""),
+                        "seed": run.get("seed", ""),
+                        "budget": int(budget),
+                        "step": int(m.step),
+                        "value": float(m.value),
+                    }
+                )
+    cols = ["row", "column_tag", "seed", "budget", "step", "value"]
+    return pd.DataFrame(rows, columns=cols).sort_values(["row", "budget", "seed", "step"])
+
+
 def fetch_grids(c: Collected, client, out: Path) -> dict[str, dict[str, Path]]:
     """Sample grids of every run, copied into ``out/grids/<run>/``: {run id: {name: path}}."""
     grids: dict[str, dict[str, Path]] = {}
@@ -273,7 +302,12 @@ def build(cfg: DictConfig) -> Path:
         ),
         "k-ratio ablation": figures.k_ratio_ablation(values, metric, fig_dir / "k_ratio.png"),
         "training loss": figures.loss_curves(loss_history(c, client), fig_dir / "loss.png"),
+        f"{metric} during training": figures.eval_curves(
+            curves := eval_history(client, values, metric), metric, fig_dir / "eval_curves.png"
+        ),
     }
+    if not curves.empty:
+        curves.to_csv(out / "eval_curves.csv", index=False)
     figs = {k: v for k, v in made.items() if isinstance(v, Path)}
     skipped = {k: v for k, v in made.items() if isinstance(v, str)}
     labels = {r["run_id"]: run_label(r) for _, r in c.runs.iterrows()}

@@ -37,6 +37,9 @@ BUDGET_METRIC = re.compile(r"^metrics\.(?P<metric>.+)/steps_(?P<steps>\d+(?:\.\d
 INTERVAL = re.compile(r"^(?P<base>.+)/ci95_(?P<side>low|high)$")
 #: Budget metrics that are not quality numbers (shown in the NFE column or not at all).
 NOT_QUALITY = ("nfe", "sample/img_per_s")
+#: Evaluation during training (bench.curves): measured at the curves' own, smaller sample count,
+#: so never a table cell under the final evaluation's protocol (the report draws them apart).
+CURVE = "curve/"
 RUN_COLUMNS = {
     "tags.method": "method",
     "tags.recipe": "recipe",
@@ -282,7 +285,12 @@ def collect(df: pd.DataFrame, group_by: list[str] | None = None) -> Collected:
 
     seen = set()
     for (metric, _), steps in budgets.items():
-        if metric in NOT_QUALITY or INTERVAL.match(metric) or (metric, steps) in seen:
+        if (
+            metric in NOT_QUALITY
+            or metric.startswith(CURVE)
+            or INTERVAL.match(metric)
+            or (metric, steps) in seen
+        ):
             continue
         seen.add((metric, steps))
         value = column(metric, steps)

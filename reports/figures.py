@@ -263,3 +263,25 @@ def loss_curves(curves: pd.DataFrame, path: Path) -> Path | str:
     ax.set(yscale="log", title="training loss", xlabel="optimizer step")
     ax.legend(fontsize=7)
     return _save(fig, path)
+
+
+def eval_curves(curves: pd.DataFrame, metric: str, path: Path) -> Path | str:
+    """Evaluation during training (``eval.every``): ``metric`` vs training step, a curve per
+    configuration and budget, mean over seeds with its 95% t-band. These are measured at the
+    curves' own (smaller) sample count; the tables hold the final evaluation."""
+    if curves.empty:
+        return f"no {metric} curves during training (eval.every was not set)"
+    d = curves.assign(label=_labels(curves), ci_low=np.nan, ci_high=np.nan)
+    d["label"] = d["label"] + d["budget"].map(lambda n: f", {n} step" + ("s" if n > 1 else ""))
+    s = seed_stats(d, ["label", "step"])
+    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    palette = sns.color_palette("tab10", s["label"].nunique())
+    for color, (label, g) in zip(palette, s.groupby("label"), strict=True):
+        g = g.sort_values("step")
+        ax.plot(g["step"], g["mean"], marker=".", color=color, label=label)
+        ax.fill_between(g["step"], g["low"], g["high"], color=color, alpha=0.2, linewidth=0)
+    ylog = _log_y(ax, s[["mean", "low"]].to_numpy())
+    ax.set(xlabel="training step", ylabel=metric + ylog)
+    ax.set_title(f"{metric} during training (eval.every; band: 95% interval over seeds)")
+    ax.legend(fontsize=7)
+    return _save(fig, path)

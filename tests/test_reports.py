@@ -25,6 +25,12 @@ def make_run(client, exp, tags, metrics, status="FINISHED", grids=()):
         client.log_metric(rid, k, v)
     for step, loss in [(10, 1.0), (20, 0.5)]:
         client.log_metric(rid, "train/loss", loss, step=step)
+    if "fd/train/steps_1" in metrics:  # evaluation during training (bench.curves), two budgets
+        for steps in (1, 4):
+            for step, fall in [(10, 3.0), (20, 2.0), (30, 1.5)]:
+                value = metrics[f"fd/train/steps_{steps}"] * fall
+                client.log_metric(rid, f"curve/fd/train/steps_{steps}", value, step=step)
+                client.log_metric(rid, f"curve/fd/train/ci95_low/steps_{steps}", 0.0, step=step)
     for grid in grids:
         client.log_artifact(rid, str(grid), "grids")
     client.set_terminated(rid, status=status)
@@ -144,9 +150,27 @@ def test_tables_hold_exactly_the_logged_numbers(store, tmp_path):
     assert f"11.00 $\\pm$ {half(10, 12):.2f}" in tex
 
 
+def test_curves_during_training_are_the_logged_histories_per_budget(store, tmp_path):
+    """eval.every's curves (curve/<metric>/steps_N at each training step): every logged point,
+    labelled by the run's table row and its budget, intervals' bounds left out."""
+    out = build(store, tmp_path / "report")
+    curves = pd.read_csv(out / "eval_curves.csv")
+    assert set(curves.columns) >= {"row", "seed", "budget", "step", "value"}
+    sc = curves[curves["row"].str.contains("shortcut")]
+    assert len(sc) == 2 * 2 * 3  # two seeds x two budgets x three training steps
+    one = sc[(sc.budget == 1) & (sc.step == 20)].sort_values("seed")
+    assert one["value"].tolist() == [10.0 * 2.0, 12.0 * 2.0]
+    assert (curves["value"] > 0).all(), "the ci95 bounds are not curves"
+    assert "fd/train during training" in (out / "report.md").read_text()
+    # A curve point is measured at the curves' own sample count: never a table cell under the
+    # final evaluation's protocol.
+    tidy = pd.read_csv(out / "tidy.csv")
+    assert not tidy["metric"].str.startswith("curve/").any()
+
+
 def test_figures_grids_and_a_well_formed_local_html(store, tmp_path):
     out = build(store, tmp_path / "report")
-    for name in ("metric_vs_nfe", "metric_vs_compute", "samples", "loss"):
+    for name in ("metric_vs_nfe", "metric_vs_compute", "samples", "loss", "eval_curves"):
         path = out / "figures" / f"{name}.png"
         with Image.open(path) as im:
             assert im.width > 100 and np.asarray(im.convert("L")).std() > 5
@@ -155,7 +179,7 @@ def test_figures_grids_and_a_well_formed_local_html(store, tmp_path):
     with Image.open(out / "figures" / "samples.png") as im:
         assert im.height > 1.2 * 2.4 * 130 and im.width > 3 * 2.4 * 130
     tex = (out / "figures.tex").read_text()
-    for pdf in ("metric_vs_nfe.pdf", "samples.pdf", "metric_vs_compute.pdf"):
+    for pdf in ("metric_vs_nfe.pdf", "samples.pdf", "metric_vs_compute.pdf", "eval_curves.pdf"):
         assert f"\\includegraphics[width=\\linewidth]{{figures/{pdf}}}" in tex
 
     class Checker(HTMLParser):
