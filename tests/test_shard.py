@@ -127,7 +127,7 @@ def test_each_process_computes_the_fid_features_of_its_own_samples(tmp_path):
     mp.spawn(_rank_fid, args=(free_port(), overrides, str(tmp_path)), nprocs=2)
     sharded = torch.load(tmp_path / "sharded.pt")
     for steps, (samples, metrics) in single.items():
-        assert "fid/steps_%d" % steps in metrics
+        assert f"fid/steps_{steps}" in metrics
         assert torch.equal(sharded[steps][0], samples)
         assert sharded[steps][1] == metrics, f"metrics differ at {steps} steps"
     # 40 samples in batches of 8: rank 0 holds batches 0, 2, 4 (24 images), rank 1 batches 1, 3
