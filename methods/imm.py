@@ -199,11 +199,22 @@ class IMM(Method):
             )
 
     # -- the flow map on our path -----------------------------------------------------------------
-    def flow_map(self, net: nn.Module, x: Tensor, t: Tensor, s: Tensor, y: Tensor | None) -> Tensor:
+    def flow_map(
+        self,
+        net: nn.Module,
+        x: Tensor,
+        t: Tensor,
+        s: Tensor,
+        y: Tensor | None,
+        cfg_scale: float = 1.0,
+    ) -> Tensor:
         """``f_{s,t}(x) = x + (t - s) net(x, 1 - t, t - s, y)`` for ``x`` at the paper's time ``t``
-        (our ``1 - t``): a point at the paper's ``s``. ``t``, ``s`` per row, in the paper's time."""
+        (our ``1 - t``): a point at the paper's ``s``. ``t``, ``s`` per row, in the paper's time;
+        with labels, the network output is guided at ``cfg_scale`` (1: one plain call)."""
         d = (t - s).to(x.dtype)
-        return x + bcast(d, x) * net(x, (1 - t).to(x.dtype), d, y)
+        tt = (1 - t).to(x.dtype)
+        u = guided_velocity(net, x, tt, d, y, cfg_scale) if y is not None else net(x, tt, d)
+        return x + bcast(d, x) * u
 
     @staticmethod
     def point(x0: Tensor, x1: Tensor, tau: Tensor) -> Tensor:
@@ -286,11 +297,8 @@ class IMM(Method):
         scale = self.cfg_scale if y is not None and self.guided(steps) else 1.0
 
         def jump(x: Tensor, t: float, s: float) -> Tensor:
-            """``f_{s,t}(x)``, guided on the network output when labelled."""
-            tt = torch.full((n,), 1 - t, device=x.device, dtype=x.dtype)
-            dd = torch.full((n,), t - s, device=x.device, dtype=x.dtype)
-            u = guided_velocity(net, x, tt, dd, y, scale) if y is not None else net(x, tt, dd)
-            return x + (t - s) * u
+            full = torch.full((n,), t, device=x.device, dtype=torch.float64)
+            return self.flow_map(net, x, full, torch.full_like(full, s), y, scale)
 
         tau = self.grid(steps)
         x = x0
