@@ -69,37 +69,43 @@ Restart (``68-100``): jump from ``tau_i`` to ``eps``, re-noise with fresh noise 
 without at ``x_r`` (1): 4 forward-equivalents, whatever ``M``; the ``M x M`` kernels are not network
 calls.
 
+Values marked *paper* are training settings the release does not contain (the paper's ImageNet-256
+column of its hyperparameter table); no released code can confirm them.
+
 =====================  ==============================  ============================================
-option                 default (source)                official code / paper
+option                 default (source)                official code
 =====================  ==============================  ============================================
-group_size (M)         4 (paper, both data sets)       no training code; must divide the batch
+group_size (M)         4 (paper)                       not released; must divide the batch
                                                        (refused otherwise, before training)
-T, eps                 0.994, 0 (ImageNet)             ``im256.yaml:36-37``; CIFAR-10 0.994, 0.006
-                                                       (``cifar10.yaml:31-32``); ``t ~ U(eps, T)``
-k                      12 (paper, ImageNet)            not released; 15 for CIFAR-10 in the
-                                                       reimplementations' reading of the paper
-eta_max, eta_min       160, 0 (paper's values, as      the released wrapper keeps eta(T) = 165.7 and
-                       independent reimplementations   eta(eps) as ``nt_high`` / ``nt_low``
-                       use them)                       (``preconds.py:64-65``), unused there
-a                      2 (the ImageNet ``t - s``       README.md:45 (a = 2, ``stride``); the ``s``
-                       checkpoint)                     checkpoint used a = 1 (README.md:46)
-b                      4 (paper, ImageNet)             not released; CIFAR-10 5 (as read by the
-                                                       reimplementations)
-target_weights         online: stop-gradient of theta  not released (the paper: ``theta- = sg(theta)``)
-                       (paper)
-label_dropout          0.1 (paper, ImageNet)           the same (possibly null) label for both calls
-sampler                pushforward (paper, ImageNet)   ``pushforward_generator_fn`` (``im256.yaml:43-66``);
-                                                       ``restart_generator_fn`` (``generate_images.py:68``)
-discretization         uniform (``im256.yaml:45``)     uniform | edm; CIFAR-10's hand-set ``mid_nt``
-                                                       grid (``cifar10.yaml:40-42``) is not an option
+T, eps                 0.994, 0 (``im256.yaml:36-37``) CIFAR-10: 0.994, 0.006 (``cifar10.yaml:31-32``);
+                                                       here also the range of ``t ~ U(eps, T)``
+k                      12 (paper)                      not released (CIFAR-10: 15, paper)
+eta_max, eta_min       160, 0 (paper)                  the wrapper keeps ``eta(T) = 165.7`` and
+                                                       ``eta(eps)`` as ``nt_high`` / ``nt_low``
+                                                       (``preconds.py:64-65``), unused in the release
+a                      2 (``README.md:45``: the        the ``s``-embedding checkpoint: a = 1
+                       ``t - s`` checkpoint)           (``README.md:46``)
+b                      4 (paper)                       not released (CIFAR-10: 5, paper)
+target_weights         online (paper: stop-gradient    not released; ``ema``: the trainer's EMA
+                       of the online weights)
+label_dropout          0.1 (paper)                     not released; here the same (possibly null)
+                                                       label goes to both calls
+sampler                pushforward (``im256.yaml:43``) ``pushforward_generator_fn``
+                                                       (``generate_images.py:35-66``); ``restart``:
+                                                       ``restart_generator_fn`` (``68-100``)
+discretization         uniform (``im256.yaml:45``)     uniform | edm (``generate_images.py:37-45``);
+                                                       CIFAR-10's hand-set grid ``mid_nt = [1.4]``
+                                                       (``cifar10.yaml:40-42``) is not an option
 cfg_scale              1 (off)                         1.5 at every step (``im256.yaml:47``)
 t_scale                1000 (``im256.yaml:32``)        ``time_scale`` 1000 on ``t`` and ``t - s``
-parameterisation       Euler-FM, ``stride`` embedding  ImageNet's (``im256.yaml:30-31``); CIFAR-10's
-                       (fixed)                         Simple-EDM ``f`` and ``identity`` (``s``)
-                                                       embedding (``cifar10.yaml:26-27``) do not
-                                                       fit a net called as ``(x, t, d)``: not here
-c_in, sigma_d          none (see above)                ``c_in x_t``, ``sigma_d = 0.5``
-                                                       (``preconds.py:193``, ``im256.yaml:34``)
+                                                       (``stride``, ``preconds.py:199-202``)
+parameterisation       Euler-FM ``f``, ``stride``      ImageNet's (``im256.yaml:30-31``); CIFAR-10's
+(fixed)                embedding                       Simple-EDM ``f`` and ``identity`` embedding
+                                                       of ``s`` (``cifar10.yaml:26-27``) do not fit
+                                                       a net called as ``(x, t, d)``: not built
+c_in (fixed)           not applied: the harness's      ``c_in x_t`` into the network,
+                       networks take ``x`` as is       ``sigma_d = 0.5`` (``preconds.py:193``,
+                                                       ``im256.yaml:34``)
 =====================  ==============================  ============================================
 """
 
