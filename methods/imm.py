@@ -30,7 +30,7 @@ two groups of particles (V-statistic, every pair ``i, j`` including ``i = j``):
 
 with the Laplace kernel's bandwidth ``|c_out| = (t - s) sigma_d``, the coefficient of ``G`` in ``f``
 (one bandwidth for all three kernel matrices of a group). ``M = 1`` is a consistency model: the
-loss is ``2 - 2 k(y_t, y_r)``. **Time pairs**: ``t ~ U(eps, T)``, ``s ~ U(eps, t)`` and ``r`` from
+loss is ``2 k(y, y) - 2 k(y_t, y_r)``, a kernel distance between one particle and its target. **Time pairs**: ``t ~ U(eps, T)``, ``s ~ U(eps, t)`` and ``r`` from
 the mapping function, a constant decrement of ``eta``:
 
     r(s, t) = max(s, eta^-1(eta(t) - (eta_max - eta_min) / 2^k))        (eta^-1(e) = e / (1 + e); e < 0: r = s)
