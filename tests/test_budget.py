@@ -75,6 +75,9 @@ def test_the_compute_matched_experiment_gives_every_method_the_same_total(compos
         "progressive_distillation": 1000,
         "live_reflow": 1600,
         "meanflow": 2000,
+        "scm": 2000,
+        "alpha_flow": 2000,
+        "imm": 2000,
     }
     assert steps == readme.get(method, steps)
     if method == "progressive_distillation":
