@@ -517,9 +517,11 @@ def argv(args: list[str]) -> list[str]:
     if not any(re.fullmatch(r"\+{0,2}plan=(true|True|yes|1)", a) for a in args[1:]):
         return args
     multirun = any(a in ("-m", "--multirun") for a in args[1:])
+    # The flag goes first: Hydra's argparse takes no flag after the overrides.
     return [
-        *args,
+        args[0],
         *([] if multirun else ["-m"]),
+        *args[1:],
         "hydra.launcher._target_=hydra_plugins.fewstep_bench.launchers.PlanLauncher",
         f"hydra.sweep.dir={tempfile.mkdtemp(prefix='fewstep-plan-')}",
     ]

@@ -86,6 +86,17 @@ def test_plan_works_under_the_local_launchers_and_starts_nothing(tmp_path, launc
     assert not (tmp_path / "runs").exists() and not list(tmp_path.rglob(".submitit"))
 
 
+def test_plan_of_a_single_run_without_dash_m(tmp_path):
+    """plan=true on a plain command (no -m): the planned multirun parses (Hydra's argparse takes
+    no flag after the overrides) and plans the one job."""
+    common = [f"paths.root={tmp_path}", no_records(tmp_path)]
+    got = run_cli("method=flow_matching", "plan=true", *common, cwd=tmp_path)
+    assert got.returncode == 0, got.stderr[-3000:]
+    lines = got.stdout.strip().splitlines()
+    assert lines[0].startswith("plan: 1 job(s) on cpu") and lines[-1].startswith("total: ")
+    assert not (tmp_path / "runs").exists()
+
+
 def stub_data(shape=(4, 32, 32)):
     return SimpleNamespace(shape=shape, num_classes=0, train_x=None, test_x=None)
 
@@ -176,7 +187,7 @@ def test_an_xl_job_on_the_cpu_stops_in_one_sentence_before_any_run_exists(tmp_pa
 def test_plan_argv_turns_any_command_into_a_planned_multirun():
     assert plan.argv(["run", "size=XL"]) == ["run", "size=XL"]
     single = plan.argv(["run", "size=XL", "plan=true"])
-    assert single[:3] == ["run", "size=XL", "plan=true"] and "-m" in single
+    assert single[:4] == ["run", "-m", "size=XL", "plan=true"]  # the flag before the overrides
     assert "hydra.launcher._target_=hydra_plugins.fewstep_bench.launchers.PlanLauncher" in single
     assert plan.argv(["run", "-m", "size=S,B", "plan=true"]).count("-m") == 1
 
