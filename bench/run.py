@@ -106,14 +106,39 @@ def hide_secrets(argv: list[str]) -> list[str]:
         except Exception:  # check_choices reports it in one sentence
             out.append(arg)
             continue
-        value = None if o.is_sweep_override() or o.is_delete() else o.value()
+        head = arg.split("=", 1)[0]
+        if o.is_sweep_override():
+            out.append(hide_in_sweep(o, arg, i) if o.is_choice_sweep() else arg)
+            continue
+        value = None if o.is_delete() else o.value()
         if not isinstance(value, str | int | float) or not has_secret(o.key_or_group, value):
             out.append(arg)
             continue
         name = f"FEWSTEP_SECRET_{i}"
         os.environ[name] = str(value)
-        out.append(f"{arg.split('=', 1)[0]}=${{oc.env:{name}}}")
+        out.append(f"{head}=${{oc.env:{name}}}")
     return out
+
+
+def hide_in_sweep(o, arg: str, i: int) -> str:
+    """A sweep list (``key=a,b``) with each secret element moved into the environment as in
+    ``hide_secrets`` (``FEWSTEP_SECRET_<arg>_<element>``); the other elements are written back
+    as Hydra spells them, so the sweeper expands the same list."""
+    from bench.track import has_secret
+
+    values = o.value().list  # the elements as parsed; their override spelling below
+    spelled = list(o.sweep_string_iterator())
+    if not any(isinstance(v, str) and has_secret(o.key_or_group, v) for v in values):
+        return arg
+    parts = []
+    for j, (v, text) in enumerate(zip(values, spelled, strict=True)):
+        if isinstance(v, str) and has_secret(o.key_or_group, v):
+            name = f"FEWSTEP_SECRET_{i}_{j}"
+            os.environ[name] = v
+            parts.append(f"${{oc.env:{name}}}")
+        else:
+            parts.append(text)
+    return f"{arg.split('=', 1)[0]}={','.join(parts)}"
 
 
 # -- the job ---------------------------------------------------------------------------------------

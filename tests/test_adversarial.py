@@ -483,6 +483,31 @@ def test_command_line_secrets_are_moved_out_of_hydras_files(monkeypatch):
         monkeypatch.delenv(name)
 
 
+def test_secrets_inside_a_sweep_list_are_moved_out_too(monkeypatch, compose):
+    """``-m tracking.uri=a,b``: each secret element of the list becomes an interpolation, the
+    others stay as they were, and Hydra's sweeper still expands the list."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    from bench.run import hide_secrets
+
+    argv = hide_secrets(["-m", "tracking.uri=http://a:pw1@h:1,sqlite:///x.db,http://b:pw2@h:2"])
+    assert "pw1" not in argv[1] and "pw2" not in argv[1]
+    (o,) = OverridesParser.create().parse_overrides([argv[1]])
+    values = o.value().list
+    assert values == [
+        "${oc.env:FEWSTEP_SECRET_1_0}",
+        "sqlite:///x.db",
+        "${oc.env:FEWSTEP_SECRET_1_2}",
+    ]
+    assert os.environ["FEWSTEP_SECRET_1_0"] == "http://a:pw1@h:1"
+    assert os.environ["FEWSTEP_SECRET_1_2"] == "http://b:pw2@h:2"
+    # each job resolves its element to the real value
+    cfg = compose(f"tracking.uri={values[2]}")
+    assert cfg.tracking.uri == "http://b:pw2@h:2"
+    for name in ("FEWSTEP_SECRET_1_0", "FEWSTEP_SECRET_1_2"):
+        monkeypatch.delenv(name)
+
+
 @pytest.mark.slow
 def test_a_password_in_the_tracking_uri_reaches_no_file_and_no_message(tmp_path):
     """The issue's case, through the real CLI and Hydra: ``tracking.uri=http://user:pw@host``
@@ -498,7 +523,8 @@ def test_a_password_in_the_tracking_uri_reaches_no_file_and_no_message(tmp_path)
     proc = run_cli(
         "-m",
         "train.steps=1",
-        f"tracking.uri=http://alice:pw-s3cr3t@127.0.0.1:{port}",
+        # a sweep list: both elements are secrets (the first job already fails)
+        f"tracking.uri=http://alice:pw-s3cr3t@127.0.0.1:{port},http://bob:pw-0ther@127.0.0.1:{port}",
         f"paths.root={tmp_path}",
         cwd=tmp_path,
         env={"OMP_NUM_THREADS": "1"},
@@ -509,7 +535,9 @@ def test_a_password_in_the_tracking_uri_reaches_no_file_and_no_message(tmp_path)
     written = [p for p in tmp_path.rglob("*") if p.is_file()]
     assert any(p.name == "multirun.yaml" for p in written)
     assert any(p.name == "overrides.yaml" for p in written)
-    assert not [p for p in written if b"pw-s3cr3t" in p.read_bytes()]
+    assert not [
+        p for p in written if b"pw-s3cr3t" in p.read_bytes() or b"pw-0ther" in p.read_bytes()
+    ]
 
 
 # -- 5. signals at set-up, training and evaluation ------------------------------------------------
