@@ -173,7 +173,9 @@ class Evaluator:
         if not torch.isfinite(samples).all():
             m["nonfinite_fraction/" + key] = float((~torch.isfinite(samples)).float().mean())
             samples = finite(samples)
-        m.update(self.suite.metrics(samples, key, fid_features=fid_features))
+        # Only a suite with FID is handed its features: a suite's contract is metrics(x, key).
+        extra = {} if fid_features is None else {"fid_features": fid_features}
+        m.update(self.suite.metrics(samples, key, **extra))
         return BudgetResult(steps, m, samples)
 
     def run(

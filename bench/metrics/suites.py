@@ -337,8 +337,7 @@ class PointSuite:
             "eval.reference": f"{self.data.name} held-out draw ({len(self.reference)} points)",
         }
 
-    def metrics(self, x: Tensor, key: str, fid_features=None) -> dict[str, float]:
-        """``fid_features``: always None (points have no FID; the evaluator's signature)."""
+    def metrics(self, x: Tensor, key: str) -> dict[str, float]:
         return {
             f"energy/{key}": points.energy_distance(x, self.reference),
             f"mmd/{key}": points.rbf_mmd2(x, self.reference),
