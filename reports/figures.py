@@ -67,6 +67,13 @@ def _labels(values: pd.DataFrame) -> pd.Series:
     return label
 
 
+def _outside_legend(ax, fontsize: int) -> None:
+    """The legend to the right of the axes, where ten methods' labels hide no line."""
+    fig = ax.get_figure()
+    fig.set_figwidth(fig.get_figwidth() + 2.4)
+    ax.legend(fontsize=fontsize, loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False)
+
+
 def _log_y(ax, low) -> str:
     """Log y axis when every value is positive; says which in the axis label."""
     if np.nanmin(low) > 0:
@@ -91,7 +98,7 @@ def metric_vs_nfe(values: pd.DataFrame, metric: str, path: Path) -> Path | str:
     ylog = _log_y(ax, s[["mean", "low"]].to_numpy())
     ax.set(xlabel="network evaluations (NFE, log2)", ylabel=metric + ylog)
     ax.set_title(f"{metric} vs sampling budget (band: 95% interval)")
-    ax.legend(fontsize=8)
+    _outside_legend(ax, fontsize=8)
     return _save(fig, path)
 
 
@@ -283,5 +290,5 @@ def eval_curves(curves: pd.DataFrame, metric: str, path: Path) -> Path | str:
     ylog = _log_y(ax, s[["mean", "low"]].to_numpy())
     ax.set(xlabel="training step", ylabel=metric + ylog)
     ax.set_title(f"{metric} during training (eval.every; band: 95% interval over seeds)")
-    ax.legend(fontsize=7)
+    _outside_legend(ax, fontsize=7)
     return _save(fig, path)
