@@ -169,7 +169,9 @@ def make_evaluator(
     from bench.metrics.suites import suite_for
 
     e = cfg.eval
-    decoder = make(e.decoder).to(device).eval() if e.get("decoder") else None
+    # The decoder: rank 0's suite holds it; another process needs it only to featurize for FID.
+    wanted = e.get("decoder") and (world.main or e.get("fid", False))
+    decoder = make(e.decoder).to(device).eval() if wanted else None
     if not world.main:  # samples (and featurizes for FID) its share of every budget; no metrics
         from bench.metrics.suites import SampleFeatures
 
