@@ -21,6 +21,7 @@ here and one line in ``suite_for``.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -93,7 +94,7 @@ class SampleFeatures:
 
         transform = None
         if self.decoder is not None:
-            transform = lambda x: decode(self.decoder, x, self.device)  # noqa: E731
+            transform = functools.partial(decode, self.decoder, device=self.device)
         return clean_fid.sample_features(samples, self.extractor, self.device, transform=transform)
 
     @classmethod
