@@ -349,14 +349,18 @@ def plan_job(
 
 
 # -- SLURM requests --------------------------------------------------------------------------------
-def slurm_request(lines: list[JobPlan], slurm: dict) -> dict:
+def slurm_request(lines: list[JobPlan], slurm: dict, signal_delay_s: float = 0) -> dict:
     """What to ask SLURM for the job that ``lines`` plan (its teacher first: a teacher is trained
     inside the first job that needs it, so the time covers it): GPUs (one task per GPU, DDP), a
     time limit with a margin (capped: a longer job is requeued from its checkpoint, up to
-    max_num_timeout times), memory."""
+    max_num_timeout times), memory.
+
+    The limit also holds ``signal_delay_s``, the lead of the time-limit warning (``--signal``):
+    the warning is a stop request, so the work has to fit before it; a limit shorter than the
+    lead would signal the job as it starts and requeue it for ever."""
     p, wall = lines[-1], sum(q.wall_s for q in lines)
     margin, extra = float(slurm.get("margin", 1.5)), float(slurm.get("extra_min", 10))
-    minutes = math.ceil(wall * margin / 60 + extra)
+    minutes = math.ceil((wall * margin + float(signal_delay_s)) / 60 + extra)
     host = max(q.host_mem_gb for q in lines)
     return {
         "gpus_per_node": p.gpus or None,
@@ -383,7 +387,8 @@ def resolve_request(key: str, default, _root_: DictConfig):
             return default
         dev = device(planning.get("device", "auto"))
         lines = plan_job(_root_, dev, records(planning.get("records")), planning)
-        return slurm_request(lines, planning.get("slurm", {}))[key]
+        lead = OmegaConf.select(_root_, "hydra.launcher.signal_delay_s", default=0) or 0
+        return slurm_request(lines, planning.get("slurm", {}), lead)[key]
     except Exception:  # noqa: BLE001 -- the preset's own value, never a failed submission
         return default
 

@@ -215,3 +215,27 @@ def test_the_slurm_request_is_sized_per_job(tmp_path):
     assert xl["timeout_min"] <= 2880  # capped: a longer job is requeued from its checkpoint
     fixed = request("size=XL", "planning.slurm.size=false")
     assert fixed == {"gpus_per_node": None, "timeout_min": 240, "mem_gb": 4}
+
+
+def test_the_time_limit_leaves_the_signal_lead_for_the_work(tmp_path):
+    """SLURM sends the time-limit warning ``signal_delay_s`` before the limit: a limit shorter
+    than that lead signals the job as it starts (it was killed by SIGUSR2 on exit, or would be
+    requeued at once, again and again). The planned limit is the work plus the lead."""
+    from hydra import compose, initialize_config_dir
+
+    from bench.build import CONFIG_DIR
+
+    def limit(*overrides):
+        with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
+            cfg = compose(
+                "config",
+                overrides=["hydra/launcher=slurm", f"paths.root={tmp_path}", "size=tiny",
+                           "train.steps=4", *QUICK, "planning.slurm.extra_min=0", *overrides],
+                return_hydra_config=True,
+            )  # fmt: skip
+        return cfg.hydra.launcher.timeout_min, cfg.hydra.launcher.signal_delay_s
+
+    minutes, lead = limit()
+    assert minutes * 60 > lead, (minutes, lead)
+    minutes, lead = limit("hydra.launcher.signal_delay_s=900")
+    assert lead == 900 and minutes * 60 > 900, minutes
