@@ -81,6 +81,18 @@ def request(cfg) -> dict:
     return {k: OmegaConf.select(cfg, f"hydra.launcher.{k}") for k in SIZED}
 
 
+def check_time_limit(timeout_min, signal_delay_s) -> None:
+    """SLURM warns a job ``signal_delay_s`` before its time limit and the warning is a stop
+    request (save, requeue): a limit inside that lead would stop every job as it starts and
+    requeue it for ever."""
+    if timeout_min is not None and signal_delay_s and float(timeout_min) * 60 <= float(signal_delay_s):
+        raise UserError(
+            f"hydra.launcher.timeout_min={timeout_min} is inside the time-limit warning "
+            f"(hydra.launcher.signal_delay_s={signal_delay_s} s before it): the job would be told "
+            "to stop as it starts; ask for more minutes than the warning's lead, or a shorter lead"
+        )
+
+
 class PlannedSlurmLauncher(SlurmLauncher):
     """hydra-submitit-launcher's SLURM launcher with requests sized per job (module docstring)."""
 
@@ -110,6 +122,12 @@ class PlannedSlurmLauncher(SlurmLauncher):
         groups: dict[tuple, list[int]] = {}
         for i, cfg in enumerate(job_configs(self, job_overrides)):
             groups.setdefault(tuple(request(cfg).items()), []).append(i)
+        try:
+            for sized in groups:
+                check_time_limit(dict(sized)["timeout_min"], self.params.get("signal_delay_s"))
+        except UserError as e:
+            print(f"error: {e}", file=sys.stderr, flush=True)
+            sys.exit(EXIT_USER_ERROR)
         submitted = {}
         for sized, members in groups.items():
             params = [
