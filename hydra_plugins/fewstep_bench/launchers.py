@@ -85,7 +85,11 @@ def check_time_limit(timeout_min, signal_delay_s) -> None:
     """SLURM warns a job ``signal_delay_s`` before its time limit and the warning is a stop
     request (save, requeue): a limit inside that lead would stop every job as it starts and
     requeue it for ever."""
-    if timeout_min is not None and signal_delay_s and float(timeout_min) * 60 <= float(signal_delay_s):
+    if (
+        timeout_min is not None
+        and signal_delay_s
+        and float(timeout_min) * 60 <= float(signal_delay_s)
+    ):
         raise UserError(
             f"hydra.launcher.timeout_min={timeout_min} is inside the time-limit warning "
             f"(hydra.launcher.signal_delay_s={signal_delay_s} s before it): the job would be told "
