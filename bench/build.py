@@ -22,6 +22,7 @@ from bench import accel
 from bench import distributed as ddp
 from bench.budget import steps_for_budget, training_budget
 from bench.errors import UserError
+from bench.identity import pin_precision
 from bench.train import check_batch_split
 
 CONFIG_DIR = Path(__file__).resolve().parents[1] / "sweeps"
@@ -153,6 +154,8 @@ class Parts:
 def prepare(cfg: DictConfig, world: ddp.World = ddp.SINGLE) -> Parts:
     """The device and everything built on it; every check that needs no run directory."""
     device = setup_device(cfg, world)
+    # Before any identity is taken: auto precision is hashed as what it is on this device.
+    pin_precision(cfg, accel.resolve_precision(device, cfg.train.get("precision") or "auto"))
     data, net, method, conditional = build(cfg)
     check_batch_split(cfg.train, world)  # before the MLflow run exists
     return Parts(data, net.to(device), method.to(device), conditional, device)

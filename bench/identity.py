@@ -97,6 +97,20 @@ def pin_data(cfg: DictConfig) -> None:
         cfg.data.fingerprint = fingerprint(root, files)
 
 
+def pin_precision(cfg: DictConfig, resolved: str) -> None:
+    """Write ``train.precision=auto`` as what this job's device resolves it to, when that is not
+    fp32. ``auto`` is fp32 on a CPU and bf16 on a GPU: other rounding, other weights, so a GPU job
+    of a CPU run's command is another run. ``auto`` that means fp32 is left as it is (every CPU run
+    recorded keeps its identity, so hashed ``auto`` always means fp32); the GPU's is hashed as
+    ``bf16``, the same run as asking for bf16."""
+    from omegaconf import open_dict
+
+    train = cfg.get("train")
+    if train is not None and train.get("precision", "auto") == "auto" and resolved != "fp32":
+        with open_dict(cfg):
+            cfg.train.precision = resolved
+
+
 def world_size() -> int:
     """Processes training this run (1 unless a torch.distributed process group is up)."""
     import torch.distributed as dist

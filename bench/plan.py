@@ -39,7 +39,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from bench.errors import UserError
-from bench.identity import identity_hash, run_dir, short_name
+from bench.identity import identity_hash, pin_precision, run_dir, short_name
 
 CODE_ROOT = Path(__file__).resolve().parents[1]
 CPU_LIMIT_S = 3600.0  # a CPU job estimated longer than this stops unless allow_long_cpu=true
@@ -258,6 +258,8 @@ def plan_job(
     node.pop("hydra", None)  # the job's own keys (a launcher's node may refer back to them)
     cfg = OmegaConf.create(node)
     apply_compute_budget(cfg)
+    # the run the job will find on that device (bench.identity.pin_precision), its teacher's too
+    pin_precision(cfg, "bf16" if dev.kind == "cuda" else "fp32")
     tcfg = teachers.teacher_config(cfg)
     lines = plan_job(tcfg, dev, found, planning, "teacher", data) if tcfg is not None else []
     teacher = lines[-1] if lines else None

@@ -20,3 +20,38 @@ def test_every_run_is_tagged_with_its_group(compose):
     tags = standard_tags(cfg, identity_hash(cfg), "tiny/4", "cpu")
     assert tags["group_hash"] == group_hash(compose("seed=5"))
     assert tags["config_hash"] != tags["group_hash"]
+
+
+def test_auto_precision_is_hashed_as_what_it_resolves_to_on_a_gpu(compose):
+    """``train.precision=auto`` is fp32 on a CPU and bf16 on a GPU: other rounding, other weights.
+    A GPU job of the same command must not find the CPU run finished and report its numbers as
+    its own. ``auto`` that means fp32 keeps its hash (every CPU run recorded so far keeps its run
+    directory); ``auto`` that means bf16 is hashed as bf16."""
+    from bench.identity import pin_precision
+
+    cpu, gpu = compose(), compose()
+    before = identity_hash(cpu)
+    pin_precision(cpu, "fp32")
+    pin_precision(gpu, "bf16")
+    assert identity_hash(cpu) == before
+    assert identity_hash(gpu) != identity_hash(cpu)
+    assert identity_hash(gpu) == identity_hash(compose("train.precision=bf16"))
+    assert group_hash(gpu) != group_hash(cpu)  # nor one report cell
+    explicit = compose("train.precision=fp32")
+    pin_precision(explicit, "fp32")
+    assert explicit.train.precision == "fp32"
+
+
+def test_the_job_and_its_plan_pin_the_precision_of_their_device(compose, monkeypatch, tmp_path):
+    """``bench.build.prepare`` pins the precision its device resolves ``auto`` to before any
+    identity is taken; the plan for a GPU names the run the GPU job will find."""
+    from bench import build, plan
+    from bench.identity import run_dir
+
+    cfg = compose(f"paths.root={tmp_path}", "size=tiny")
+    cpu_name = run_dir(cfg).name
+    monkeypatch.setattr(build.accel, "resolve_precision", lambda device, p: "bf16")
+    build.prepare(cfg)
+    assert cfg.train.precision == "bf16" and run_dir(cfg).name != cpu_name
+    planned = plan.plan_job(compose(f"paths.root={tmp_path}", "size=tiny"), plan.device("H100"), {})
+    assert planned[-1].run == run_dir(cfg).name
