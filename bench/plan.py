@@ -258,9 +258,12 @@ def plan_job(
     node.pop("hydra", None)  # the job's own keys (a launcher's node may refer back to them)
     cfg = OmegaConf.create(node)
     apply_compute_budget(cfg)
-    # the run the job will find on that device (bench.identity.pin_precision), its teacher's too
-    pin_precision(cfg, "bf16" if dev.kind == "cuda" else "fp32")
-    tcfg = teachers.teacher_config(cfg)
+    # The run the job will find on its device (bench.identity.pin_precision), its teacher's too:
+    # the job's own ``device`` when set, else the device planned for.
+    own = str(cfg.get("device") or "auto")
+    auto_means = "bf16" if own == "cuda" or (own == "auto" and dev.kind == "cuda") else "fp32"
+    pin_precision(cfg, auto_means)
+    tcfg = teachers.teacher_config(cfg, auto_means)
     lines = plan_job(tcfg, dev, found, planning, "teacher", data) if tcfg is not None else []
     teacher = lines[-1] if lines else None
 
@@ -351,6 +354,12 @@ def plan_job(
 
 
 # -- SLURM requests --------------------------------------------------------------------------------
+def warning_lead(signal_delay_s: float) -> float:
+    """Seconds before the time limit the warning can come: ``--signal=...@N`` is sent up to 60 s
+    earlier than N (SLURM handles such events once a minute; sbatch(1))."""
+    return float(signal_delay_s) + 60 if signal_delay_s else 0.0
+
+
 def slurm_request(lines: list[JobPlan], slurm: dict, signal_delay_s: float = 0) -> dict:
     """What to ask SLURM for the job that ``lines`` plan (its teacher first: a teacher is trained
     inside the first job that needs it, so the time covers it): GPUs (one task per GPU, DDP), a
@@ -362,7 +371,7 @@ def slurm_request(lines: list[JobPlan], slurm: dict, signal_delay_s: float = 0) 
     lead would signal the job as it starts and requeue it for ever."""
     p, wall = lines[-1], sum(q.wall_s for q in lines)
     margin, extra = float(slurm.get("margin", 1.5)), float(slurm.get("extra_min", 10))
-    minutes = math.ceil((wall * margin + float(signal_delay_s)) / 60 + extra)
+    minutes = math.ceil((wall * margin + warning_lead(signal_delay_s)) / 60 + extra)
     host = max(q.host_mem_gb for q in lines)
     return {
         "gpus_per_node": p.gpus or None,

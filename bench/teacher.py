@@ -27,10 +27,10 @@ from pathlib import Path
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
-from bench import checkpoint
+from bench import accel, checkpoint
 from bench import distributed as ddp
 from bench.errors import UserError
-from bench.identity import run_dir
+from bench.identity import pin_precision, run_dir
 from bench.record import read_state
 from bench.train import CHECKPOINT
 
@@ -45,7 +45,9 @@ class Teacher:
     source: str  # its run directory or checkpoint path
 
 
-def teacher_config(cfg: DictConfig) -> DictConfig | None:
+def teacher_config(cfg: DictConfig, auto_means: str = "fp32") -> DictConfig | None:
+    """The teacher's job config; ``auto_means``: what ``precision=auto`` is on the device that
+    trains it (bench.identity.pin_precision), for a teacher recipe that sets ``auto`` itself."""
     spec = cfg.method.get("teacher")
     if not spec or spec.get("checkpoint"):
         return None
@@ -59,6 +61,7 @@ def teacher_config(cfg: DictConfig) -> DictConfig | None:
         tcfg.method = OmegaConf.merge(tcfg.method, spec.options)
     if spec.get("train"):
         tcfg.train = OmegaConf.merge(tcfg.train, spec.train)
+    pin_precision(tcfg, auto_means)  # the run its own job will find, whatever its recipe says
     tcfg.eval_only = False
     tcfg.objective = None
     tcfg.compute_budget = None  # the teacher trains its own recipe; the student pays for it
@@ -127,7 +130,8 @@ def resolve(
         if not path.is_file():
             raise UserError(f"teacher checkpoint {str(path)!r} does not exist")
         return Teacher(_load(path, student, build), "", 0.0, str(path))
-    tcfg = teacher_config(cfg)
+    device = next(student.parameters()).device
+    tcfg = teacher_config(cfg, accel.resolve_precision(device, "auto"))
     rd = run_dir(tcfg)
     locks = rd.parent / ".locks"
     locks.mkdir(parents=True, exist_ok=True)

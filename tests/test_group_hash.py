@@ -55,3 +55,23 @@ def test_the_job_and_its_plan_pin_the_precision_of_their_device(compose, monkeyp
     assert cfg.train.precision == "bf16" and run_dir(cfg).name != cpu_name
     planned = plan.plan_job(compose(f"paths.root={tmp_path}", "size=tiny"), plan.device("H100"), {})
     assert planned[-1].run == run_dir(cfg).name
+
+
+def test_a_teacher_is_pinned_like_the_job_that_trains_it(compose, tmp_path):
+    """The teacher's run directory is taken with ``auto`` pinned as on the student's device,
+    also when the teacher's own recipe sets ``precision: auto`` again; a job asking for cpu is
+    planned as fp32 even when the plan is for a GPU."""
+    from bench import plan
+    from bench.identity import pin_precision, run_dir
+    from bench.teacher import teacher_config
+
+    cfg = compose(f"paths.root={tmp_path}", "size=tiny", "method=progressive_distillation",
+                  "+method.teacher.train.precision=auto")  # fmt: skip
+    on_gpu = teacher_config(cfg, "bf16")
+    assert on_gpu.train.precision == "bf16"
+    assert teacher_config(cfg).train.precision == "auto"  # fp32: the hash every CPU run has
+    pin_precision(cfg, "bf16")
+    planned = plan.plan_job(cfg, plan.device("H100"), {})
+    assert planned[0].run == run_dir(on_gpu).name  # the teacher line names the GPU teacher
+    cpu_job = compose(f"paths.root={tmp_path}", "size=tiny", "device=cpu")
+    assert plan.plan_job(cpu_job, plan.device("H100"), {})[-1].run == run_dir(cpu_job).name

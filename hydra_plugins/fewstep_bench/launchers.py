@@ -62,6 +62,10 @@ class PlanLauncher(Launcher):
             cfgs = job_configs(self, job_overrides)
             # the SLURM request as the preset resolves it in each job (its ${plan:...} values)
             requests = [request(c) for c in cfgs] if launcher in SLURM_PRESETS else None
+            for c, r in zip(cfgs, requests or [], strict=False):
+                check_time_limit(
+                    r["timeout_min"], OmegaConf.select(c, "hydra.launcher.signal_delay_s")
+                )
             plans = plan.plan_sweep(cfgs, requests)
         except UserError as e:
             print(f"error: {e}", file=sys.stderr, flush=True)
@@ -82,18 +86,17 @@ def request(cfg) -> dict:
 
 
 def check_time_limit(timeout_min, signal_delay_s) -> None:
-    """SLURM warns a job ``signal_delay_s`` before its time limit and the warning is a stop
-    request (save, requeue): a limit inside that lead would stop every job as it starts and
-    requeue it for ever."""
-    if (
-        timeout_min is not None
-        and signal_delay_s
-        and float(timeout_min) * 60 <= float(signal_delay_s)
-    ):
+    """SLURM warns a job ``signal_delay_s`` (up to 60 s more) before its time limit and the
+    warning is a stop request (save, requeue): a limit inside that lead would stop every job as
+    it starts and requeue it for ever. Checked by the launcher before submission and by the
+    plan, so both refuse the same requests."""
+    lead = plan.warning_lead(signal_delay_s or 0)
+    if timeout_min is not None and lead and float(timeout_min) * 60 <= lead:
         raise UserError(
             f"hydra.launcher.timeout_min={timeout_min} is inside the time-limit warning "
-            f"(hydra.launcher.signal_delay_s={signal_delay_s} s before it): the job would be told "
-            "to stop as it starts; ask for more minutes than the warning's lead, or a shorter lead"
+            f"(hydra.launcher.signal_delay_s={signal_delay_s} s before it, up to 60 s earlier in "
+            "SLURM): the job would be told to stop as it starts; ask for more minutes than "
+            f"{lead / 60:g}, or a shorter lead"
         )
 
 
