@@ -19,8 +19,11 @@ CONFIG_DIR = ROOT / "sweeps"
 torch.set_num_threads(1)
 
 
-#: Overrides that make a job take seconds: tiny batches, frequent checkpoints, a 16-sample evaluation.
+#: Overrides that make a job take seconds: tiny batches, frequent checkpoints, a 16-sample evaluation;
+#: on the CPU also where a GPU is present (the run directory a test computes is the CPU's:
+#: ``precision=auto`` is hashed as what the device makes of it).
 SMOKE = [
+    "device=cpu",
     "train.batch_size=8",
     "train.log_every=2",
     "train.ckpt_every=2",

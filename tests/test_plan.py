@@ -35,7 +35,7 @@ def test_a_mixed_sweep_names_the_shared_teacher_once_and_the_finished_runs(tmp_p
 
     from bench.build import CONFIG_DIR
 
-    common = [f"paths.root={tmp_path}", no_records(tmp_path)]
+    common = [f"paths.root={tmp_path}", no_records(tmp_path), "device=cpu"]  # a CPU run reused
     with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
         done = run_dir(compose("config", overrides=["method=shortcut", *common]))
     done.mkdir(parents=True)
