@@ -282,12 +282,8 @@ def plan_job(
     nfe = sum(method.nfe(int(b), conditional) for b in cfg.eval.budgets)
     eval_forwards = int(cfg.eval.num_samples) * nfe
 
-    precision = (
-        "bf16"
-        if dev.kind == "cuda" and t.get("precision", "auto") == "auto"
-        else str(t.get("precision", "fp32"))
-    )
-    precision = "fp32" if precision == "auto" else precision
+    # pinned above: ``auto`` left in the config means fp32 on the job's device
+    precision = str(t.get("precision") or "auto").replace("auto", "fp32")
     switches = {
         "precision": precision,
         "compile": t.get("compile") or None,
