@@ -7,6 +7,7 @@ against a clock. The SLURM sizing on a real cluster is in tests/test_slurm.py.
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -257,3 +258,32 @@ def test_a_time_limit_inside_the_signal_lead_is_refused_before_submission(tmp_pa
     assert "hydra.launcher.timeout_min=3" in got.stderr and "signal_delay_s=120" in got.stderr
     assert not list(tmp_path.glob("hydra/multirun_*/.submitit/*"))
     assert "--time=" not in got.stdout  # no plan line offers the refused request
+
+
+@pytest.mark.parametrize(
+    "timeout_min, signal_delay_s, named",
+    [(240, -5, "signal_delay_s=-5"), (240, 70000, "signal_delay_s=70000"),
+     (240, 1.5, "signal_delay_s=1.5"), (0, 120, "timeout_min=0"), (-3, 0, "timeout_min=-3")],
+)  # fmt: skip
+def test_a_negative_or_out_of_range_slurm_request_is_one_sentence(timeout_min, signal_delay_s, named):
+    """sbatch takes ``--signal=SIG@N`` with N a whole number of seconds from 0 to 65535 and a
+    time limit of at least a minute; a negative lead was accepted and would have reached sbatch
+    as ``--signal=USR2@-5``. The sentence names the value and what is allowed."""
+    from hydra_plugins.fewstep_bench.launchers import check_time_limit
+
+    with pytest.raises(UserError, match=re.escape(named)) as refused:
+        check_time_limit(timeout_min, signal_delay_s)
+    assert "allowed" in str(refused.value) or "whole" in str(refused.value)
+    check_time_limit(240, 120)  # the preset's values pass
+    check_time_limit(240, 0)  # no warning at all: no lead
+
+
+def test_a_negative_signal_lead_is_refused_before_submission(tmp_path):
+    """The same check on the command line: one sentence, exit 2, nothing submitted."""
+    got = run_cli(
+        "-m", "size=tiny", "train.steps=4", *QUICK, "hydra/launcher=slurm",
+        "hydra.launcher.signal_delay_s=-5", f"paths.root={tmp_path}", cwd=tmp_path, timeout=300,
+    )  # fmt: skip
+    assert got.returncode == 2, got.stderr[-2000:]
+    assert "hydra.launcher.signal_delay_s=-5" in got.stderr
+    assert not list(tmp_path.glob("hydra/multirun_*/.submitit/*"))

@@ -85,11 +85,36 @@ def request(cfg) -> dict:
     return {k: OmegaConf.select(cfg, f"hydra.launcher.{k}") for k in SIZED}
 
 
+SIGNAL_LEAD_MAX_S = 65535
+
+
+def _whole(value) -> bool:
+    """An integer, or a float with nothing after the point (YAML may give either); not a bool."""
+    if isinstance(value, bool):
+        return False
+    if isinstance(value, int):
+        return True
+    return isinstance(value, float) and value.is_integer()
+
+
 def check_time_limit(timeout_min, signal_delay_s) -> None:
     """SLURM warns a job ``signal_delay_s`` (up to 60 s more) before its time limit and the
     warning is a stop request (save, requeue): a limit inside that lead would stop every job as
     it starts and requeue it for ever. Checked by the launcher before submission and by the
     plan, so both refuse the same requests."""
+    # sbatch(1): --signal=SIG@N takes N in whole seconds from 0 to 65535; --time at least 1 min
+    if signal_delay_s is not None and not (
+        _whole(signal_delay_s) and 0 <= int(signal_delay_s) <= SIGNAL_LEAD_MAX_S
+    ):
+        raise UserError(
+            f"hydra.launcher.signal_delay_s={signal_delay_s} is not a lead sbatch accepts: "
+            f"allowed are whole seconds from 0 (no warning) to {SIGNAL_LEAD_MAX_S}"
+        )
+    if timeout_min is not None and not (_whole(timeout_min) and int(timeout_min) >= 1):
+        raise UserError(
+            f"hydra.launcher.timeout_min={timeout_min} is not a time limit: allowed are whole "
+            "minutes from 1"
+        )
     lead = plan.warning_lead(signal_delay_s or 0)
     if timeout_min is not None and lead and float(timeout_min) * 60 <= lead:
         raise UserError(
