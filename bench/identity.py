@@ -49,9 +49,11 @@ ADDED_OPTIONS: dict[str, dict[str, object]] = {
 }
 
 
-def identity_config(cfg: DictConfig, effective: bool = True) -> dict:
+def identity_config(cfg: DictConfig, effective: bool = True, world: int | None = None) -> dict:
     """The config that decides the weights; ``effective=False`` keeps ``train.grad_accum`` as the
-    user set it (MLflow params) instead of the micro-batches over all processes (the hash)."""
+    user set it (MLflow params) instead of the micro-batches over all processes (the hash).
+    ``world``: the processes that train the run, when it is not this process's group (the planner
+    names the run a SLURM job of several tasks will be)."""
     resolved = OmegaConf.to_container(cfg, resolve=True)
     out = {k: resolved[k] for k in IDENTITY_KEYS if k in resolved}
     if isinstance(out.get("train"), dict):
@@ -60,7 +62,7 @@ def identity_config(cfg: DictConfig, effective: bool = True) -> dict:
         # grad_accum (bench.distributed): 8 GPUs with grad_accum=1 are the run of 4 GPUs with 2,
         # and of one process with 8 -- and not the run of one process with 1.
         if effective and "grad_accum" in train:
-            train["grad_accum"] = int(train["grad_accum"]) * world_size()
+            train["grad_accum"] = int(train["grad_accum"]) * (world or world_size())
         out["train"] = train
     return out
 
@@ -128,8 +130,10 @@ def without_neutral_additions(config: dict) -> dict:
     return {**config, "method": kept}
 
 
-def identity_hash(cfg: DictConfig) -> str:
-    blob = json.dumps(without_neutral_additions(identity_config(cfg)), sort_keys=True, default=str)
+def identity_hash(cfg: DictConfig, world: int | None = None) -> str:
+    blob = json.dumps(
+        without_neutral_additions(identity_config(cfg, world=world)), sort_keys=True, default=str
+    )
     return hashlib.sha256(blob.encode()).hexdigest()[:12]
 
 
@@ -150,7 +154,7 @@ def short_name(target: str) -> str:
     return parts[-2] if parts[-1][:1].isupper() else parts[-1]
 
 
-def run_dir(cfg: DictConfig) -> Path:
+def run_dir(cfg: DictConfig, world: int | None = None) -> Path:
     s = cfg.size
     size = str(s.get("name") or (f"{s.size}/{s.patch}" if "size" in s else short_name(s._target_)))
     name = "-".join(
@@ -158,7 +162,7 @@ def run_dir(cfg: DictConfig) -> Path:
             short_name(cfg.method._target_),
             size.replace("/", "_"),
             short_name(cfg.data._target_),
-            identity_hash(cfg),
+            identity_hash(cfg, world),
         ]
     )
     return Path(cfg.paths.root) / "runs" / name

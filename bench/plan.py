@@ -245,10 +245,22 @@ def job_method(cfg: DictConfig):
 
 
 def plan_job(
-    cfg: DictConfig, dev: Device, found, planning=None, role: str = "job", data=None
+    cfg: DictConfig,
+    dev: Device,
+    found,
+    planning=None,
+    role: str = "job",
+    data=None,
+    world: int | None = None,
 ) -> list[JobPlan]:
     """The job of ``cfg`` (its steps as ``compute_budget`` derives them) and, first, the teacher
-    it names (own line, status train or reuse). ``data``: the job's dataset when already built."""
+    it names (own line, status train or reuse). ``data``: the job's dataset when already built.
+
+    ``world``: the processes the job will run as (a SLURM request's tasks); None sizes it, on a
+    GPU, as the cards one training step needs (what the planned request asks for). A run's
+    identity holds the micro-batches of a step over all processes (``bench.identity``), so the
+    run named, and found finished or not, is the one of that many processes; a teacher is
+    trained inside the job that needs it, so it is planned at the job's processes too."""
     from bench import teacher as teachers
     from bench.build import apply_compute_budget, network
     from bench.record import read_state
@@ -264,8 +276,6 @@ def plan_job(
     auto_means = "bf16" if own == "cuda" or (own == "auto" and dev.kind == "cuda") else "fp32"
     pin_precision(cfg, auto_means)
     tcfg = teachers.teacher_config(cfg, auto_means)
-    lines = plan_job(tcfg, dev, found, planning, "teacher", data) if tcfg is not None else []
-    teacher = lines[-1] if lines else None
 
     method = job_method(cfg)
     data = data if data is not None else dataset(cfg)
@@ -278,7 +288,6 @@ def plan_job(
     steps, batch = int(t.steps), int(t.batch_size)
     cost = method.cost()
     own_fe = steps * batch * cost.per_sample + cost.one_off
-    fe = own_fe + (teacher.forward_equivalents if teacher else 0.0)
     nfe = sum(method.nfe(int(b), conditional) for b in cfg.eval.budgets)
     eval_forwards = int(cfg.eval.num_samples) * nfe
 
@@ -297,6 +306,19 @@ def plan_job(
             memory_gb(net, batch, gpus, precision, ckpt, models) > 0.9 * dev.memory_gb and gpus < 8
         ):
             gpus *= 2
+    if tcfg is not None and world is None and dev.kind == "cuda":
+        # the job runs on as many cards as it or its teacher needs
+        gpus = max(gpus, plan_job(tcfg, dev, found, planning, "teacher", data)[-1].gpus)
+    if world is not None:
+        gpus = int(world)
+    processes = max(1, gpus) if dev.kind == "cuda" else (int(world) if world else None)
+    lines = (
+        plan_job(tcfg, dev, found, planning, "teacher", data, processes)
+        if tcfg is not None
+        else []
+    )
+    teacher = lines[-1] if lines else None
+    fe = own_fe + (teacher.forward_equivalents if teacher else 0.0)
     peak = memory_gb(net, batch, gpus, precision, ckpt, models)
     data_gb = (
         sum(
@@ -319,13 +341,13 @@ def plan_job(
         steps * batch * cost.per_sample * rate.train_s + cost.one_off * rate.forward_s
     ) / gpus
     eval_s = eval_forwards * rate.forward_s  # rank 0 evaluates alone
-    rd = run_dir(cfg)
+    rd = run_dir(cfg, processes)
     status = "reuse" if read_state(rd).get("status") == "finished" else "train"
     size = str(net.name)
     lines.append(
         JobPlan(
             run=rd.name,
-            identity=identity_hash(cfg),
+            identity=identity_hash(cfg, processes),
             role=role,
             method=short_name(cfg.method._target_),
             size=size,
@@ -414,7 +436,14 @@ def plan_sweep(cfgs: list[DictConfig], requests: list[dict] | None = None) -> li
     seen: dict[str, JobPlan] = {}
     out = []
     for i, cfg in enumerate(cfgs):
-        lines = plan_job(cfg, dev, found, planning)
+        # a SLURM job runs as its tasks (one process each); the plan names the run they train
+        world = (
+            int(requests[i].get("tasks_per_node") or 1)
+            * int(OmegaConf.select(cfg, "hydra.launcher.nodes", default=1) or 1)
+            if requests is not None
+            else None
+        )
+        lines = plan_job(cfg, dev, found, planning, world=world)
         if requests is not None:
             lines[-1].slurm = requests[i]
         for p in lines:

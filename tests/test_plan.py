@@ -287,3 +287,60 @@ def test_a_negative_signal_lead_is_refused_before_submission(tmp_path):
     assert got.returncode == 2, got.stderr[-2000:]
     assert "hydra.launcher.signal_delay_s=-5" in got.stderr
     assert not list(tmp_path.glob("hydra/multirun_*/.submitit/*"))
+
+
+def test_a_job_sized_to_several_gpus_is_planned_as_the_run_its_processes_train(compose, tmp_path):
+    """A step that does not fit one card is planned on two, and the job then runs as two DDP
+    processes: its identity holds grad_accum x processes (the run of one process with
+    grad_accum=2), so the plan must name -- and find finished or not -- that run, not the run of
+    one process. Its teacher is trained inside the job, by the same two processes."""
+    import copy
+
+    from omegaconf import open_dict
+
+    from bench import teacher as teachers
+    from bench.identity import identity_hash, pin_precision
+
+    cfg = compose("size=B", "method=progressive_distillation", "train=paper", f"paths.root={tmp_path}")
+    (*_, one) = plan.plan_job(cfg, plan.device("H100"), [], data=stub_data())
+    assert one.gpus == 1
+    # a card that holds less than the step: more cards, the batch split between them
+    small = plan.Device("small", "cuda", 100.0, one.peak_mem_gb * 0.6 / 0.9)
+    teacher, job = plan.plan_job(cfg, small, [], data=stub_data())
+    n = job.gpus
+    assert n > 1 and teacher.gpus == n
+
+    pinned = copy.deepcopy(cfg)
+    pin_precision(pinned, "bf16")  # auto on a GPU
+    many = run_dir(pinned, world=n)
+    assert job.run == many.name and job.identity == identity_hash(pinned, world=n)
+    assert job.identity != identity_hash(pinned, world=1)
+    accum = copy.deepcopy(pinned)  # what "n processes" means: the micro-batches of one step
+    with open_dict(accum):
+        accum.train.grad_accum = n * int(accum.train.grad_accum)
+    assert identity_hash(accum, world=1) == job.identity
+    tcfg = teachers.teacher_config(pinned, "bf16")
+    assert teacher.run == run_dir(tcfg, world=n).name
+
+    # the run of n processes, finished, is the one the plan reuses
+    assert plan.plan_job(cfg, small, [], data=stub_data())[-1].status == "train"
+    many.mkdir(parents=True)
+    (many / "state.json").write_text(json.dumps({"status": "finished"}))
+    assert plan.plan_job(cfg, small, [], data=stub_data())[-1].status == "reuse"
+    # a SLURM request of 8 tasks is a run of 8 processes, whatever one step needs
+    (*_, eight) = plan.plan_job(cfg, small, [], data=stub_data(), world=8)
+    assert eight.gpus == 8 and eight.identity == identity_hash(pinned, world=8)
+
+
+def test_the_plan_of_a_slurm_job_of_two_tasks_names_the_run_of_two_processes(compose, tmp_path):
+    """``hydra.launcher.tasks_per_node=2``: SLURM starts two processes that train one run as DDP
+    (gloo on a CPU), so its identity holds twice the micro-batches; the plan names that run."""
+    got = run_cli(
+        "-m", "size=tiny", "train.steps=4", *QUICK, "hydra/launcher=slurm",
+        "hydra.launcher.tasks_per_node=2", f"paths.root={tmp_path}", "plan=true",
+        cwd=tmp_path, timeout=300,
+    )  # fmt: skip
+    assert got.returncode == 0, got.stderr[-2000:]
+    cfg = compose("size=tiny", "train.steps=4", *QUICK, f"paths.root={tmp_path}")
+    assert run_dir(cfg, world=2).name in got.stdout, got.stdout
+    assert run_dir(cfg, world=1).name not in got.stdout
