@@ -28,7 +28,7 @@ from pathlib import Path
 
 import hydra
 import pandas as pd
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from bench.errors import UserError
 from reports import figures, tables, timing
@@ -257,6 +257,30 @@ def status_report(c: Collected, cfg: DictConfig, out: Path) -> Path:
     return out
 
 
+def select_budgets(c: Collected, budgets) -> list[int] | None:
+    """Keep the columns of ``budgets`` (step counts) only, in place; None keeps every budget.
+    A shared run reused by a smaller experiment carries the budgets of both (a run evaluated at
+    1..128 steps in a table of 1 / 4 / 128); the table is the experiment's."""
+    if budgets is None or (OmegaConf.is_list(budgets) or isinstance(budgets, list)) and not budgets:
+        return None
+    values = list(budgets) if OmegaConf.is_list(budgets) or isinstance(budgets, list) else [budgets]
+    shown = f"[{', '.join(map(str, values))}]"
+    for v in values:
+        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+            raise UserError(
+                f"budgets={shown}: {v} is not a step count; allowed are whole numbers of steps "
+                "from 1, e.g. budgets=[1,4,128]"
+            )
+    logged = sorted(set(int(x) for x in c.tidy["steps"]))
+    kept = c.tidy[c.tidy["steps"].isin(values)]
+    if kept.empty:
+        raise UserError(
+            f"budgets={shown}: none was logged by these runs; logged: {', '.join(map(str, logged))}"
+        )
+    c.tidy = kept
+    return sorted(set(values))
+
+
 def build(cfg: DictConfig) -> Path:
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     import mlflow
@@ -268,12 +292,16 @@ def build(cfg: DictConfig) -> Path:
     metric = cfg.metric
     if c.tidy.empty:
         return status_report(c, cfg, out)
+    shown = select_budgets(c, cfg.get("budgets"))
     if metric not in set(c.tidy["metric"]):
         known = ", ".join(sorted(set(c.tidy["metric"]))) or "none"
         raise UserError(f"metric {metric!r} was not logged by these runs; logged: {known}")
     row_keys = tables.ROW_KEYS + tuple(cfg.group_by)
     table = tables.comparison(c, metric, row_keys, cfg.get("protocols", "split"))
     protocol = tables.protocol_line(c, metric)
+    if shown:
+        listed = ", ".join(map(str, shown))
+        protocol += f"; step budgets shown: {listed} (budgets=[{listed}])"
     significance = [tables.significance_summary(table)] + tables.significance_notes(table)
     baseline = cfg.get("baseline")
     paired = (

@@ -1,6 +1,7 @@
 """The report builder against an MLflow store with known runs (a failed run, a missing cell)."""
 
 import os
+import re
 import shutil
 import subprocess
 from html.parser import HTMLParser
@@ -219,6 +220,24 @@ def test_an_unlogged_metric_names_what_was_logged(store, tmp_path):
         UserError, match=r"metric 'fid' was not logged by these runs; logged: fd/train"
     ):
         build(store, tmp_path / "r", "metric=fid")
+
+
+def test_budgets_picks_the_columns_and_refuses_what_is_not_a_step_count(store, tmp_path):
+    """Runs evaluated at more budgets than a table needs (a shared run reused by a smaller
+    experiment): ``budgets=[1,128]`` keeps those columns only, and says so above the table."""
+    out = build(store, tmp_path / "two", "budgets=[1,128]", "grids=false")
+    md = (out / "report.md").read_text()
+    header = next(l for l in md.splitlines() if l.startswith("| data"))
+    assert "1 step" in header and "128 steps" in header and "4 steps" not in header
+    assert "step budgets shown: 1, 128 (budgets=[1, 128])" in md
+    tidy = pd.read_csv(out / "tidy.csv")
+    assert set(tidy.steps) == {1, 128}
+    for bad, named in (("[0]", "0"), ("[-4]", "-4"), ("[1.5]", "1.5"), ("abc", "abc"),
+                       ("[true]", "True")):  # fmt: skip
+        with pytest.raises(UserError, match=rf"budgets=.*{re.escape(named)}.*whole numbers of steps"):
+            build(store, tmp_path / "bad", f"budgets={bad}", "grids=false")
+    with pytest.raises(UserError, match=r"budgets=\[8\]: none was logged by these runs; logged: 1, 4, 128"):
+        build(store, tmp_path / "none", "budgets=[8]", "grids=false")
 
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
