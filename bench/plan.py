@@ -84,10 +84,22 @@ def device(name: str = "auto") -> Device:
 
 
 # -- measured throughput: bench.perf records --------------------------------------------------------
+def records_folder(folder: str | Path | None) -> Path:
+    """``planning.records`` as a folder (default: this checkout's benchmarks/); one sentence when
+    it is not one (a file, a typo), instead of planning with assumed rates without a word."""
+    root = Path(folder).expanduser() if folder else CODE_ROOT / "benchmarks"
+    if folder and not root.is_dir():
+        raise UserError(
+            f"planning.records={str(folder)!r} is not a folder: it should hold bench.perf's "
+            "<device>-<time>.json records (null: this checkout's benchmarks/)"
+        )
+    return root
+
+
 def records(folder: str | Path | None) -> list[tuple[Path, dict]]:
     """bench.perf's ``<device>-<time>.json`` in ``folder`` (default: this checkout's benchmarks/),
     newest first."""
-    root = Path(folder).expanduser() if folder else CODE_ROOT / "benchmarks"
+    root = records_folder(folder)
     out = []
     for path in root.glob("*.json"):
         try:
@@ -402,8 +414,16 @@ def slurm_request(lines: list[JobPlan], slurm: dict, signal_delay_s: float = 0) 
 
 
 def planning_of(cfg: DictConfig) -> dict:
+    """The job's ``planning`` group, checked (bench.schema): one sentence for a bad key."""
+    from bench.schema import check_planning
+
     node = cfg.get("planning")
-    return OmegaConf.to_container(node, resolve=True) if node is not None else {}
+    if node is None:
+        return {}
+    values = OmegaConf.to_container(node, resolve=True)
+    check_planning(values)
+    records_folder(values.get("records"))
+    return values
 
 
 def resolve_request(key: str, default, _root_: DictConfig):

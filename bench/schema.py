@@ -172,6 +172,36 @@ class Objective:
 
 
 @dataclass
+class PlanningSlurm:
+    """``planning.slurm``: how a job's SLURM request is derived from its plan (bench.plan)."""
+
+    size: bool
+    margin: Positive  # time limit = estimate x margin + lead + extra_min
+    extra_min: NonNegative
+    mem_margin: Positive
+    max_timeout_min: PositiveInt
+    min_mem_gb: PositiveInt
+
+
+@dataclass
+class Planning:
+    """``planning``: what the estimates of ``plan=true`` and the SLURM requests are for."""
+
+    device: Literal["auto", "cpu", "H100", "H200", "A100"]  # bench.plan.CARDS, and cpu/auto
+    records: NonEmpty | None  # a folder of bench.perf records; bench.plan.records checks it is one
+    utilisation: Annotated[float, Range(0, 1, lo_open=True)] | None
+    slurm: Any  # its own spec, PlanningSlurm
+
+
+def check_planning(values) -> None:
+    """The ``planning`` group (a mapping), one sentence for the first bad key. Checked by the job
+    and, before anything is planned or submitted, by the plan and the SLURM launcher: a bad value
+    there would otherwise fall back to the preset's request without a word."""
+    _group(Planning, values, "planning")
+    _group(PlanningSlurm, values["slurm"], "planning.slurm")
+
+
+@dataclass
 class Top:
     """The top-level scalars of ``sweeps/config.yaml`` (groups are checked on their own)."""
 
@@ -224,6 +254,8 @@ def check(cfg: DictConfig) -> None:
     _group(spec or AnyData, data, "data")
     _group(Paths, values["paths"], "paths")
     _group(Tracking, values["tracking"], "tracking")
+    if "planning" in values:
+        check_planning(values["planning"])
     if values["objective"] is not None:  # a teacher's job has none
         _group(Objective, values["objective"], "objective")
     teacher = values["method"].get("teacher") if isinstance(values["method"], dict) else None

@@ -60,6 +60,9 @@ def composed_keys() -> list[tuple[str, object]]:
     out = [(schema.Top, k) for k in scalars if not (CONFIG_DIR / k).is_dir()]
     for group, spec in specs.items():
         out += [(spec, f"{group}.{k}") for k in values[group] if k != "_target_"]
+    # planning and its slurm subgroup (the subgroup is a group, not an option of planning)
+    out += [(schema.Planning, f"planning.{k}") for k in values["planning"] if k != "slurm"]
+    out += [(schema.PlanningSlurm, f"planning.slurm.{k}") for k in values["planning"]["slurm"]]
     return out
 
 

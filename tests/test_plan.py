@@ -344,3 +344,36 @@ def test_the_plan_of_a_slurm_job_of_two_tasks_names_the_run_of_two_processes(com
     cfg = compose("size=tiny", "train.steps=4", *QUICK, f"paths.root={tmp_path}")
     assert run_dir(cfg, world=2).name in got.stdout, got.stdout
     assert run_dir(cfg, world=1).name not in got.stdout
+
+
+def test_the_planning_devices_the_schema_allows_are_the_plans():
+    import typing
+
+    from bench import schema
+
+    allowed = typing.get_args(typing.get_type_hints(schema.Planning)["device"])
+    assert set(allowed) == {"auto", "cpu", *plan.CARDS}
+
+
+@pytest.mark.parametrize("launch", ["plan=true", "submit"])
+@pytest.mark.parametrize(
+    "bad, named",
+    [("planning.slurm.margin=-1", "planning.slurm.margin=-1 is not allowed: a number > 0"),
+     ("planning.utilisation=0", "planning.utilisation=0 is not allowed"),
+     ("planning.records=/etc/passwd", "planning.records='/etc/passwd' is not a folder")],
+)  # fmt: skip
+def test_a_bad_planning_key_is_one_sentence_before_anything_is_planned_or_submitted(
+    tmp_path, bad, named, launch
+):
+    """The SLURM request is derived in each job's config by a resolver that falls back to the
+    preset's values when the job cannot be planned: a bad planning key used to fall back without a
+    word (a negative margin, a utilisation of 0 read as the default, a file for the records
+    folder). Refused by the plan and by the launcher before sbatch, exit 2."""
+    got = run_cli(
+        "-m", "size=tiny", "train.steps=4", *QUICK, "hydra/launcher=slurm", bad,
+        f"paths.root={tmp_path}", *(["plan=true"] if launch == "plan=true" else []),
+        cwd=tmp_path, timeout=300,
+    )  # fmt: skip
+    assert got.returncode == 2, got.stderr[-2000:]
+    assert named in got.stderr
+    assert not list(tmp_path.glob("hydra/multirun_*/.submitit/*"))

@@ -152,9 +152,12 @@ class PlannedSlurmLauncher(SlurmLauncher):
         # The line hydra-submitit-launcher prints, so a log reads the same under either launcher.
         print(f"Submitit 'slurm' sweep output dir : {sweep_dir}", flush=True)
         groups: dict[tuple, list[int]] = {}
-        for i, cfg in enumerate(job_configs(self, job_overrides)):
+        cfgs = job_configs(self, job_overrides)
+        for i, cfg in enumerate(cfgs):
             groups.setdefault(tuple(request(cfg).items()), []).append(i)
         try:
+            for cfg in cfgs:  # a bad planning key would have left the preset's request silently
+                plan.planning_of(cfg)
             for sized in groups:
                 check_time_limit(dict(sized)["timeout_min"], self.params.get("signal_delay_s"))
         except UserError as e:
